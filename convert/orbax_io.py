@@ -1,0 +1,75 @@
+"""Converted weights as an orbax checkpoint: fast (optionally sharded) restore without re-converting.
+
+Layout: `<dir>/nemodiff.json` (format marker, HF config, dtype) + `<dir>/state/` (orbax PyTree of the nnx
+parameters) + any tokenizer files copied beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from convert.safetensors_io import CheckpointError
+from nemodiff_jax.config import Config
+from nemodiff_jax.model import Transformer, abstract_model
+
+MARKER = "nemodiff.json"
+FORMAT = "nemodiff-orbax-v1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json")
+
+
+def is_orbax_dir(path: str | Path) -> bool:
+    return (Path(path) / MARKER).exists()
+
+
+def save_orbax(model: Transformer, out_dir: str | Path, *, copy_from: str | Path | None = None) -> Path:
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out_dir / "state", state)
+    if copy_from is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(copy_from) / name).exists():
+                shutil.copy(Path(copy_from) / name, out_dir / name)
+    dtype = str(jax.tree.leaves(state)[0].dtype)
+    meta = {"format": FORMAT, "dtype": dtype, "config": model.config.to_hf_config()}
+    # The marker goes last: a directory without it is not a (complete) checkpoint.
+    (out_dir / MARKER).write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def load_orbax(path: str | Path, dtype=None, shardings: dict | None = None) -> Transformer:
+    path = Path(path).absolute()
+    meta = json.loads((path / MARKER).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / MARKER}: unknown format {meta.get('format')!r}")
+    cfg = Config.from_hf_config(meta["config"])
+    saved_dtype = jnp.dtype(meta["dtype"])
+    abstract = abstract_model(cfg, saved_dtype)
+    graphdef, abstract_state = nnx.split(abstract)
+    target = nnx.to_pure_dict(abstract_state)
+
+    def with_sharding(path_keys, leaf):
+        key = tuple(k.key if hasattr(k, "key") else k.idx for k in path_keys)
+        sharding = (shardings or {}).get(key)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding) if sharding is not None else leaf
+
+    target = jax.tree_util.tree_map_with_path(with_sharding, target)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(path / "state", target)
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    model = nnx.merge(graphdef, abstract_state)
+    if dtype is not None and jnp.dtype(dtype) != saved_dtype:
+        state = nnx.state(model)
+        nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), state))
+    return model

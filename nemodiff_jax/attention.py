@@ -1,0 +1,43 @@
+"""The one attention entry point. It owns the mask semantics; `pallas_kernels/` owns speed.
+
+Chunk attention over a KV cache (prefill, AR step, denoise, draft, verify, commit): the chunk's K/V are
+already written at each row's `[length, length+T)`, so query j of a row sees cache slot s iff
+    s < length + j + 1   (causal, "bottom-right" aligned), or
+    s < length + T       (bidirectional: cache + the whole chunk).
+Shapes: B batch, T chunk, S cache capacity, N query heads, K kv heads, G = N/K, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def chunk_mask(lengths: jax.Array, t: int, s: int, causal: bool) -> jax.Array:
+    """bool [B, T, S]: which cache slots each chunk query may attend to."""
+    limit = lengths[:, None] + (jnp.arange(1, t + 1) if causal else jnp.full((t,), t))[None, :]  # [B, T]
+    return jnp.arange(s)[None, None, :] < limit[:, :, None]
+
+
+def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference GQA attention. q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H] (q's dtype).
+
+    Scores and softmax in float32; kv head j serves query heads jG..jG+G-1 (HF repeat_kv order)."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+                    causal: bool, impl: str = "xla") -> jax.Array:
+    """q [B,T,N,H] over the layer's cache [B,S,K,H] (chunk already written) with per-row lengths [B]."""
+    if impl == "xla":
+        mask = chunk_mask(lengths, q.shape[1], k_cache.shape[1], causal)
+        return sdpa(q, k_cache, v_cache, mask)
+    raise ValueError(f"unknown attention impl {impl!r}")

@@ -1,0 +1,297 @@
+"""Model configuration: a frozen, hashable (jit-static) dataclass and the strict HF `config.json` reader.
+
+Every key a real NLD `config.json` carries is either used or explicitly ignored; any other key with a
+non-default value is an error that names it, so a checkpoint we do not understand never loads silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "nemotron_labs_diffusion"
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot represent exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 262144
+    # RoPE. rope_type "yarn" (the released checkpoints) or "default" (plain RoPE, for tests).
+    rope_type: str = "yarn"
+    rope_theta: float = 1e6
+    rope_factor: float = 16.0
+    rope_original_max_position_embeddings: int = 16384
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float | None = 1.0
+    rope_mscale_all_dim: float | None = 1.0
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
+    # Llama-4 query temperature, applied to q after RoPE; None disables it.
+    llama_4_scaling_beta: float | None = 0.1
+    tie_word_embeddings: bool = False
+    mask_token_id: int = 100
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 11
+    pad_token_id: int | None = None
+    block_size: int = 32
+    # dtype the checkpoint declares (informational; the load dtype is chosen by the caller).
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "block_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads must be a multiple of num_kv_heads: {self.num_heads=} {self.num_kv_heads=}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotate-half RoPE: {self.head_dim=}")
+        if self.rope_type not in ("yarn", "default"):
+            raise ConfigError(f"unsupported rope_type {self.rope_type!r} (supported: 'yarn', 'default')")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(f"mask_token_id out of range: {self.mask_token_id=} {self.vocab_size=}")
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **kw) -> Config:
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ HF config.json
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> Config:
+        """Builds a Config from a parsed `config.json`, strictly (see module docstring)."""
+        hf = dict(hf)
+        model_type = hf.pop("model_type", MODEL_TYPE)
+        if model_type not in (MODEL_TYPE, "ministral3", "ministral", "mistral"):
+            raise ConfigError(f"config.json: model_type {model_type!r} is not a Nemotron-Labs-Diffusion model")
+        for key in _IGNORED_KEYS:
+            hf.pop(key, None)
+        for key, default in _MUST_BE_DEFAULT.items():
+            if key in hf:
+                value = hf.pop(key)
+                if value != default:
+                    raise ConfigError(f"config.json: {key}={value!r} is not supported (only {default!r})")
+        act = hf.pop("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
+
+        def take(key, default=_REQUIRED):
+            if key in hf:
+                return hf.pop(key)
+            if default is _REQUIRED:
+                raise ConfigError(f"config.json: required key {key!r} is missing")
+            return default
+
+        kw: dict[str, Any] = dict(
+            vocab_size=take("vocab_size"),
+            hidden_size=take("hidden_size"),
+            intermediate_size=take("intermediate_size"),
+            num_layers=take("num_hidden_layers"),
+            num_heads=take("num_attention_heads"),
+        )
+        kw["num_kv_heads"] = take("num_key_value_heads", kw["num_heads"])
+        head_dim = take("head_dim", None)
+        kw["head_dim"] = head_dim if head_dim is not None else kw["hidden_size"] // kw["num_heads"]
+        kw["rms_norm_eps"] = float(take("rms_norm_eps", 1e-5))
+        kw["max_position_embeddings"] = take("max_position_embeddings", 262144)
+        kw["tie_word_embeddings"] = bool(take("tie_word_embeddings", False))
+        kw["mask_token_id"] = take("mask_token_id", 100)
+        kw["bos_token_id"] = take("bos_token_id", 1)
+        eos = take("eos_token_id", 11)
+        kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else eos
+        kw["pad_token_id"] = take("pad_token_id", None)
+        block_size = take("block_size", 32)
+        kw["block_size"] = 32 if block_size is None else block_size
+        kw["torch_dtype"] = str(take("torch_dtype", None) or take("dtype", "bfloat16"))
+        hf.pop("dtype", None)
+
+        # RoPE: transformers-5 `rope_parameters` first, then `rope_scaling` + top-level `rope_theta`.
+        rope = hf.pop("rope_parameters", None)
+        legacy = hf.pop("rope_scaling", None)
+        theta_top = hf.pop("rope_theta", None)
+        if rope is None:
+            rope = dict(legacy or {})
+            if theta_top is not None:
+                rope.setdefault("rope_theta", theta_top)
+        else:
+            rope = dict(rope)
+            if theta_top is not None and rope.get("rope_theta", theta_top) != theta_top:
+                raise ConfigError(f"config.json: rope_theta={theta_top} disagrees with "
+                                  f"rope_parameters.rope_theta={rope['rope_theta']}")
+        kw.update(_rope_from_dict(rope))
+        if hf:
+            raise ConfigError(f"config.json: unknown key(s) {sorted(hf)} (not supported; refusing to guess)")
+        return cls(**kw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf_config(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The NLD `config.json` for this config (round-trips through from_hf_config)."""
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "yarn":
+            rope.update(factor=self.rope_factor,
+                        original_max_position_embeddings=self.rope_original_max_position_embeddings,
+                        beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow,
+                        mscale=self.rope_mscale, mscale_all_dim=self.rope_mscale_all_dim)
+            if self.rope_attention_factor is not None:
+                rope["attention_factor"] = self.rope_attention_factor
+            if not self.rope_truncate:
+                rope["truncate"] = False
+        if self.llama_4_scaling_beta is not None:
+            rope["llama_4_scaling_beta"] = self.llama_4_scaling_beta
+            rope.setdefault("original_max_position_embeddings", self.rope_original_max_position_embeddings)
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["NemotronLabsDiffusionModel"],
+            "model_type": MODEL_TYPE,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": rope,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "mask_token_id": self.mask_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "block_size": self.block_size,
+            "dlm_paradigm": "bidirectional",
+            "torch_dtype": self.torch_dtype,
+        }
+
+
+_REQUIRED = object()
+
+# Keys of real NLD configs that do not change inference: metadata, training-only switches, HF plumbing.
+_IGNORED_KEYS = (
+    "architectures", "auto_map", "transformers_version", "_name_or_path", "dlm_paradigm", "dlm_type",
+    "dlm_loss_weight", "ar_loss_weight", "dp_varying_mask_ratio", "attn_implementation", "_attn_implementation",
+    "use_cache", "initializer_range", "output_attentions", "output_hidden_states", "return_dict",
+    "use_return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "torchscript", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "num_labels", "pretraining_tp", "layer_types",
+)
+
+# HF keys whose only supported value is the "feature off" default.
+_MUST_BE_DEFAULT: dict[str, Any] = {
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "tie_encoder_decoder": False,
+    "add_cross_attention": False,
+    "is_decoder": False,
+    "cross_attention_hidden_size": None,
+    "pruned_heads": {},
+}
+
+_ROPE_KEYS = {
+    "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+    "mscale", "mscale_all_dim", "llama_4_scaling_beta", "attention_factor", "truncate",
+}
+
+
+def _rope_from_dict(rope: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(rope) - _ROPE_KEYS
+    if unknown:
+        raise ConfigError(f"config.json: unknown rope parameter(s) {sorted(unknown)}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if "rope_theta" not in rope:
+        raise ConfigError("config.json: rope_theta is missing (neither rope_parameters nor top-level)")
+    out: dict[str, Any] = dict(rope_type=rope_type, rope_theta=float(rope["rope_theta"]))
+    beta4 = rope.get("llama_4_scaling_beta")
+    out["llama_4_scaling_beta"] = None if beta4 is None else float(beta4)
+    if "original_max_position_embeddings" in rope:
+        out["rope_original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    if rope_type == "yarn":
+        if "factor" not in rope or "original_max_position_embeddings" not in rope:
+            raise ConfigError("config.json: yarn rope needs 'factor' and 'original_max_position_embeddings'")
+        out.update(
+            rope_factor=float(rope["factor"]),
+            rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+            rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+            rope_mscale=None if rope.get("mscale") is None else float(rope["mscale"]),
+            rope_mscale_all_dim=None if rope.get("mscale_all_dim") is None else float(rope["mscale_all_dim"]),
+            rope_attention_factor=None if rope.get("attention_factor") is None else float(rope["attention_factor"]),
+            rope_truncate=bool(rope.get("truncate", True)),
+        )
+    elif rope_type == "default":
+        extra = {"factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"} & set(rope)
+        if extra:
+            raise ConfigError(f"config.json: rope parameter(s) {sorted(extra)} make no sense for rope_type 'default'")
+    return out
+
+
+# ------------------------------------------------------------------ presets (spec §2.1)
+
+def _preset(hidden, layers, inter, theta, **kw) -> Config:
+    return Config(vocab_size=131072, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                  num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=theta, **kw)
+
+
+PRESETS: dict[str, Config] = {
+    "3B": _preset(3072, 26, 9216, 1e6),
+    "8B": _preset(4096, 34, 14336, 1e6),
+    "14B": _preset(5120, 40, 16384, 1e9),
+    # Tiny test size: GQA, head_dim != hidden/heads, yarn with a small original context so tests cross it.
+    "tiny": Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=32, max_position_embeddings=256, rope_theta=1e4, rope_factor=4.0,
+                   rope_original_max_position_embeddings=64, block_size=8),
+}
+
+
+def num_params(cfg: Config) -> int:
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    attn = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+    return cfg.num_layers * per_layer + cfg.vocab_size * d + head + d
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
