@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -12,10 +15,37 @@ from flax import nnx
 
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
+from nemodiff_jax.decoding import ar, diffusion, speculative
+from nemodiff_jax.decoding.common import Options, State, initial_state, prefill, run_device, run_python
+from nemodiff_jax.lora import LoRA, load_lora
 from nemodiff_jax.model import Transformer
+from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative}
+# Per-mode options (**mode_options of generate) and their defaults; block_size defaults to config.block_size.
+MODE_OPTIONS = {
+    "ar": {},
+    "diffusion": {"block_size": None, "policy": "threshold", "threshold": 0.9, "steps": None},
+    "linear_spec": {"block_size": None, "threshold": 0.0},
+}
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[int]  # new tokens only (a stop token that ended the row included)
+    text: str | None
+    stats: dict
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Prompt-length bucket: powers of two, so a handful of shapes cover all prompts."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 class Generator:
@@ -30,6 +60,24 @@ class Generator:
         self._graphdef, self._params = nnx.split(model)
         # fp32 means fp32: without this, GPUs run float32 matmuls at reduced (tf32/bf16) precision.
         self._precision = "highest" if self.dtype == jnp.float32 else None
+        self.drafter: LoRA | None = None
+        self.attn_impl = "xla"
+
+    def attach_drafter(self, path_or_lora) -> None:
+        """Attaches the linear-spec drafter LoRA (a PEFT directory or a LoRA); used by default in drafts."""
+        self.drafter = self._lora(path_or_lora)
+
+    def _lora(self, spec) -> LoRA | None:
+        if spec is None or spec is False:
+            return None
+        if isinstance(spec, LoRA):
+            lora = spec
+        else:
+            lora = load_lora(spec, self.config, self.dtype)
+        if len(lora.a) != self.config.num_layers or lora.b[0].shape[-1] != self.config.hidden_size:
+            raise ValueError(f"LoRA has {len(lora.a)} layers / hidden {lora.b[0].shape[-1]}, model has "
+                             f"{self.config.num_layers} / {self.config.hidden_size}")
+        return lora
 
     def logits(self, token_ids, causal: bool = True) -> np.ndarray:
         """float32 [B, T, V] logits for token ids [B, T] at positions 0..T-1 with a fresh cache.
@@ -48,6 +96,167 @@ class Generator:
         with jax.default_matmul_precision(self._precision):
             out = _logits_fn(self._graphdef, self._params, jnp.asarray(tokens, jnp.int32), causal)
         return np.asarray(out, dtype=np.float32)
+
+
+    # ------------------------------------------------------------------ generation
+
+    def encode_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("this model directory has no tokenizer: pass token-id lists, not strings")
+                ids = self.tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token id(s) {bad[:5]} outside [0, {self.config.vocab_size})")
+            out.append(ids)
+        return out
+
+    def _prepare(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
+                 mode_options):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
+        unknown = set(mode_options) - set(MODE_OPTIONS[mode])
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for mode {mode!r}; "
+                             f"allowed: {sorted(MODE_OPTIONS[mode]) or 'none'}")
+        o = {**MODE_OPTIONS[mode], **mode_options}
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        ids = self.encode_prompts(prompts)
+        cfg = self.config
+        block = o.get("block_size") or cfg.block_size
+        if mode != "ar" and not 2 <= block <= 256:
+            raise ValueError(f"block_size must be in [2, 256], got {block}")
+        if mode == "diffusion" and o["policy"] not in diffusion.POLICIES:
+            raise ValueError(f"unknown diffusion policy {o['policy']!r}; choose from {diffusion.POLICIES}")
+        if mode == "diffusion" and o["steps"] is not None and not 1 <= o["steps"] <= block:
+            raise ValueError(f"steps must be in [1, block_size={block}], got {o['steps']}")
+        longest = max(len(p) for p in ids)
+        extra = 0 if mode == "ar" else block  # a block may run past the last kept token
+        if longest + max_new_tokens + extra > cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} (+{extra} block "
+                             f"slack) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+        if lora is not None and lora is not False and mode != "linear_spec":
+            raise ValueError(f"lora is only used by mode 'linear_spec' (draft passes), not {mode!r}")
+        lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
+        stops = cfg.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
+        b = len(ids)
+        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != b:
+            raise ValueError(f"got {len(seeds)} seeds for {b} prompts")
+        opts = Options(mode=mode, stop_ids=stops, block=block, policy=o.get("policy", "threshold"),
+                       threshold=float(o.get("threshold", 0.0)), steps=o.get("steps"),
+                       mask_id=cfg.mask_token_id, attn_impl=self.attn_impl)
+        p_pad = _bucket(longest)
+        capacity = _round_up(p_pad + max_new_tokens + 2 * block, 128)
+        out_len = _round_up(max_new_tokens + block, 64)
+        prompt = np.zeros((b, p_pad), np.int32)
+        for i, p in enumerate(ids):
+            prompt[i, :len(p)] = p
+        lens = np.array([len(p) for p in ids], np.int32)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        sampling = Sampling.make(temperature, top_k, top_p)
+        with jax.default_matmul_precision(self._precision):
+            st = _prefill_fn(self._graphdef, self._params, jnp.asarray(prompt), jnp.asarray(lens), keys,
+                             jnp.int32(max_new_tokens), sampling, lora_obj, capacity, out_len, opts)
+        return st, opts, ids
+
+    def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
+                 stop_token_ids: Sequence[int] | None = None, lora=None, loop: str = "device",
+                 **mode_options) -> list[Result]:
+        """Generates for a batch of prompts (strings or token-id lists) with the chosen mode.
+
+        mode_options: diffusion: block_size, policy ('threshold' | 'low_confidence' | 'leftmost'), threshold,
+        steps; linear_spec: block_size, threshold (0 = one draft pass). `seed`: an int (row i uses seed+i) or
+        one per prompt. `lora`: None = the attached drafter, False = none, or a PEFT dir / LoRA.
+        `loop`: 'device' (one on-device while loop) or 'python' (the step-by-step twin)."""
+        if loop not in ("device", "python"):
+            raise ValueError(f"loop must be 'device' or 'python', got {loop!r}")
+        t0 = time.perf_counter()
+        st, opts, ids = self._prepare(prompts, mode, max_new_tokens, temperature, top_k, top_p, seed,
+                                      stop_token_ids, lora, mode_options)
+        step_fn = MODES[mode].step
+        with jax.default_matmul_precision(self._precision):
+            if loop == "device":
+                st = run_device(self._graphdef, self._params, step_fn, opts, st)
+            else:
+                for st in run_python(self._graphdef, self._params, step_fn, opts, st):
+                    pass
+        return self._results(st, opts, max_new_tokens, time.perf_counter() - t0)
+
+    def stream(self, prompt, mode: str = "ar", max_new_tokens: int = 128, **kw) -> Iterator[list[int]]:
+        """Yields the new tokens of one prompt as each step (token / block / round) lands; the last item is
+        the full Result. Built on the Python-loop twin."""
+        t0 = time.perf_counter()
+        st, opts, _ = self._prepare([prompt], mode, max_new_tokens, kw.pop("temperature", 0.0),
+                                    kw.pop("top_k", None), kw.pop("top_p", None), kw.pop("seed", 0),
+                                    kw.pop("stop_token_ids", None), kw.pop("lora", None), kw)
+        emitted = 0
+        step_fn = MODES[mode].step
+        final = st
+        with jax.default_matmul_precision(self._precision):
+            states = run_python(self._graphdef, self._params, step_fn, opts, st)
+            for final in _with_first(st, states):
+                tokens = self._row_tokens(final, opts, 0, max_new_tokens)
+                if len(tokens) > emitted:
+                    yield tokens[emitted:]
+                    emitted = len(tokens)
+        yield self._results(final, opts, max_new_tokens, time.perf_counter() - t0)[0]
+
+    def _row_tokens(self, st: State, opts: Options, i: int, max_new: int) -> list[int]:
+        n = min(int(st.n_out[i]), max_new)
+        toks = np.asarray(st.out[i, :n]).tolist()
+        for j, t in enumerate(toks):
+            if t in opts.stop_ids:
+                return toks[:j + 1]
+        return toks
+
+    def _results(self, st: State, opts: Options, max_new: int, wall: float) -> list[Result]:
+        st = jax.device_get(st)
+        results = []
+        total = 0
+        for i in range(st.n_out.shape[0]):
+            toks = self._row_tokens(st, opts, i, max_new)
+            total += len(toks)
+            passes, rounds, work = int(st.passes[i]), int(st.rounds[i]), int(st.work[i])
+            stats = {"mode": opts.mode, "generated_tokens": len(toks), "forward_passes": passes + 1,
+                     "decode_forward_passes": passes, "tokens_per_forward": len(toks) / (passes + 1),
+                     "wall_time_s": wall, "tokens_per_s": len(toks) / wall if wall > 0 else float("nan")}
+            if opts.mode == "diffusion":
+                stats["blocks"] = rounds
+                stats["denoise_steps_per_block"] = work / rounds if rounds else 0.0
+            if opts.mode == "linear_spec":
+                stats["rounds"] = rounds
+                stats["mean_accepted_per_round"] = work / rounds if rounds else 0.0
+            text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
+            results.append(Result(tokens=toks, text=text, stats=stats))
+        for r in results:
+            r.stats["batch_forward_passes"] = int(st.total_passes) + 1
+            r.stats["batch_tokens_per_s"] = total / wall if wall > 0 else float("nan")
+        return results
+
+
+def _with_first(first, rest):
+    yield first
+    yield from rest
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10))
+def _prefill_fn(graphdef, params, prompt, lens, keys, max_new, sampling, lora, capacity, out_len, opts):
+    model = nnx.merge(graphdef, params)
+    cache = KVCache.init(model.config, prompt.shape[0], capacity, model.dtype)
+    last, cache = prefill(model, prompt, lens, cache, opts)
+    first = ar.first_token(last, cache, keys, sampling)
+    return initial_state(cache, out_len, keys, max_new, sampling, lora, first, opts)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

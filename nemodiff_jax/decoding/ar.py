@@ -1,0 +1,28 @@
+"""`ar`: one causal forward of one token per step (spec §6.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from nemodiff_jax.decoding.common import Options, State, finish_rows, forward
+from nemodiff_jax.sampling import choose, row_keys
+
+STREAM = 0  # random stream of AR choices; the counter is the position of the token being chosen
+
+
+def first_token(logits_last, cache, keys, sampling):
+    """The first generated token from the prefill's last logits (position = prompt length)."""
+    return choose(logits_last[:, None], row_keys(keys, STREAM, cache.lengths), sampling)[:, 0]
+
+
+def step(model, st: State, opts: Options) -> State:
+    active = ~st.done
+    logits, cache = forward(model, st.seed[:, None], st.cache, causal=True, opts=opts)
+    cache = cache.advance(active.astype(jnp.int32))
+    tok = choose(logits, row_keys(st.keys, STREAM, cache.lengths), st.sampling)[:, 0]
+    upd = finish_rows(st, tok[:, None], jnp.ones_like(st.n_out), active, opts.stop_ids)
+    one = active.astype(jnp.int32)
+    return dataclasses.replace(st, cache=cache, seed=jnp.where(active, tok, st.seed), passes=st.passes + one,
+                               rounds=st.rounds + one, total_passes=st.total_passes + 1, **upd)
