@@ -88,9 +88,11 @@ def initial_state(cache, out_len, keys, max_new, sampling, lora, first: jax.Arra
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((b,), jnp.int32)
     done = is_stop(first, opts.stop_ids) | (n_out >= max_new)
-    zeros = jnp.zeros((b,), jnp.int32)
+    def zeros():  # distinct buffers: the state is donated, and one buffer may not be donated twice
+        return jnp.zeros((b,), jnp.int32)
+
     return State(cache=cache, out=out, n_out=n_out, done=done, seed=first, keys=keys, max_new=max_new,
-                 sampling=sampling, lora=lora, passes=zeros, rounds=zeros, work=zeros,
+                 sampling=sampling, lora=lora, passes=zeros(), rounds=zeros(), work=zeros(),
                  total_passes=jnp.int32(0))
 
 

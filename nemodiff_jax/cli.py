@@ -1,0 +1,187 @@
+"""`nemodiff` command line: convert, generate, demo (the `make run` job) and batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+MODES = ("ar", "diffusion", "linear_spec")
+
+
+def default_model() -> Path:
+    """The embedded default model (trained here; see docs/EMBEDDED_MODEL.md)."""
+    if not (ASSETS / "config.json").exists():
+        raise SystemExit(f"no embedded model in {ASSETS}: pass --model PATH")
+    return ASSETS
+
+
+def cmd_convert(args) -> int:
+    from convert.hf import save_hf
+    from convert.orbax_io import save_orbax
+    from nemodiff_jax.generate import load
+
+    gen = load(args.src, dtype=args.dtype, progress=True)
+    if args.to == "orbax":
+        out = save_orbax(gen.model, args.dst, copy_from=args.src)
+    else:
+        max_bytes = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
+        out = save_hf(gen.model, args.dst, max_shard_bytes=max_bytes, progress=True)
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
+def _mode_options(args) -> dict:
+    opts = {}
+    if args.block_size is not None and args.mode != "ar":
+        opts["block_size"] = args.block_size
+    if args.threshold is not None and args.mode != "ar":
+        opts["threshold"] = args.threshold
+    if args.policy is not None:
+        opts["policy"] = args.policy
+    return opts
+
+
+def cmd_generate(args) -> int:
+    from nemodiff_jax.generate import load
+
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.chat:
+        if gen.tokenizer is None:
+            raise SystemExit("--chat needs a tokenizer in the model directory")
+        # token ids: the template already starts with BOS, so no second one is added by encoding
+        prompt = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+    stream_decoder = gen.tokenizer.stream_decoder() if gen.tokenizer is not None else None
+    result = None
+    for item in gen.stream(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           **_mode_options(args)):
+        if isinstance(item, list):
+            if stream_decoder is not None:
+                sys.stdout.write("".join(stream_decoder.step(t) for t in item))
+            else:
+                sys.stdout.write(" ".join(map(str, item)) + " ")
+            sys.stdout.flush()
+        else:
+            result = item
+    if stream_decoder is not None:
+        sys.stdout.write(stream_decoder.flush())
+    print()
+    print(json.dumps(result.stats, indent=None if args.compact else 2), file=sys.stderr)
+    return 0
+
+
+DEMO_PROMPTS = [
+    "ROMEO:\nBut soft, what light through yonder window breaks?",
+    "KING HENRY:\nOnce more unto the breach, dear friends,",
+    "HAMLET:\nTo be, or not to be,",
+    "Of Man's first disobedience, and the fruit",
+]
+
+
+def cmd_demo(args) -> int:
+    """The main job: all three modes on the embedded model, with a stats table."""
+    from nemodiff_jax.generate import load
+
+    path = Path(args.model) if args.model else default_model()
+    gen = load(path, dtype=args.dtype, progress=False)
+    prompts = DEMO_PROMPTS[: args.num_prompts]
+    rows = []
+    for mode in MODES:
+        gen.generate(prompts, mode=mode, max_new_tokens=args.max_new_tokens)  # compile once, off the clock
+        results = gen.generate(prompts, mode=mode, max_new_tokens=args.max_new_tokens)
+        print(f"\n=== mode: {mode} ===")
+        for p, r in zip(prompts, results):
+            shown = r.text if r.text is not None else " ".join(map(str, r.tokens))
+            print(f"--- {p!r}\n{shown.strip()}")
+        toks = sum(r.stats["generated_tokens"] for r in results)
+        fwd = sum(r.stats["forward_passes"] for r in results)
+        row = {"mode": mode, "tokens": toks, "tokens/forward": toks / fwd,
+               "batch tok/s": results[0].stats["batch_tokens_per_s"]}
+        if mode == "linear_spec":
+            row["accepted/round"] = sum(r.stats["mean_accepted_per_round"] for r in results) / len(results)
+        if mode == "diffusion":
+            row["steps/block"] = sum(r.stats["denoise_steps_per_block"] for r in results) / len(results)
+        rows.append(row)
+    ar_tokens = [r.tokens for r in gen.generate(prompts, mode="ar", max_new_tokens=args.max_new_tokens)]
+    ls_tokens = [r.tokens for r in gen.generate(prompts, mode="linear_spec", max_new_tokens=args.max_new_tokens)]
+    print(f"\nmodel: {path}  batch {len(prompts)}  max_new_tokens {args.max_new_tokens}  dtype {args.dtype}")
+    print(f"{'mode':<12} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8} {'acc/round':>10} {'steps/blk':>10}")
+    for r in rows:
+        print(f"{r['mode']:<12} {r['tokens']:>7} {r['tokens/forward']:>8.2f} {r['batch tok/s']:>8.1f} "
+              f"{r.get('accepted/round', float('nan')):>10.2f} {r.get('steps/block', float('nan')):>10.2f}")
+    print(f"greedy linear_spec == greedy ar: {ls_tokens == ar_tokens}")
+    return 0 if ls_tokens == ar_tokens else 1
+
+
+def cmd_batch(args) -> int:
+    from nemodiff_jax.batch import run_batch_job
+
+    return run_batch_job(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nemodiff", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="HF NLD checkpoint -> orbax (fast restore) or re-exported HF")
+    c.add_argument("src", help="HF model directory (config.json + safetensors)")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--to", choices=("orbax", "hf"), default="orbax")
+    c.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    c.add_argument("--max-shard-gb", type=float, default=None, help="hf: split into shards + index")
+    c.set_defaults(fn=cmd_convert)
+
+    def sampling_args(q):
+        q.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+        q.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+        q.add_argument("--mode", choices=MODES, default="linear_spec")
+        q.add_argument("--max-new-tokens", type=int, default=128)
+        q.add_argument("--temperature", type=float, default=0.0)
+        q.add_argument("--top-k", type=int, default=None)
+        q.add_argument("--top-p", type=float, default=None)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--block-size", type=int, default=None)
+        q.add_argument("--threshold", type=float, default=None,
+                       help="diffusion unmask threshold (default 0.9); linear_spec draft threshold (default 0)")
+        q.add_argument("--policy", choices=("threshold", "low_confidence", "leftmost"), default=None)
+        q.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
+
+    g = sub.add_parser("generate", help="generate for one prompt, streaming text, then print stats")
+    sampling_args(g)
+    g.add_argument("--prompt", required=True, help="prompt text, or - to read stdin")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--compact", action="store_true", help="stats on one line")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="all three modes on the embedded model with a stats table (make run)")
+    d.add_argument("--model", default=None)
+    d.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--num-prompts", type=int, default=4)
+    d.set_defaults(fn=cmd_demo)
+
+    bt = sub.add_parser("batch", help="batch generation job: JSONL in -> JSONL out (resumable)")
+    sampling_args(bt)
+    bt.add_argument("--input", required=True)
+    bt.add_argument("--output", required=True)
+    bt.add_argument("--batch-size", type=int, default=8)
+    bt.add_argument("--data-parallel", action="store_true", help="shard the batch over all local devices")
+    bt.set_defaults(fn=cmd_batch)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"nemodiff {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

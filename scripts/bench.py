@@ -1,0 +1,230 @@
+"""GPU benchmark: real NLD shapes with random bf16 weights made on the device (no checkpoint).
+
+Measures, in one process: device copy bandwidth (the roofline's denominator), one forward at T=1 and T=32
+over several contexts, the linear_spec round cost in AR forwards, end-to-end AR tokens/s over batch sizes,
+compile time per mode; optionally the embedded model per mode. Writes JSON (raw) and a markdown table.
+
+    python scripts/bench.py --sizes 8B --out $OUT/bench.json --md $OUT/bench.md
+    python scripts/bench.py --sizes tiny --contexts 64 --batches 1 2 --new-tokens 16   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemodiff_jax.cache import KVCache
+from nemodiff_jax.config import PRESETS, Config
+from nemodiff_jax.decoding import ar
+from nemodiff_jax.decoding.common import Options, State, initial_state, run_device
+from nemodiff_jax.model import Transformer
+from nemodiff_jax.sampling import Sampling
+
+
+def timeit(fn, *, warmup=2, iters=10) -> float:
+    """Median wall time (s) of fn(), which must block on its result."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    dt = timeit(lambda: f(x).block_until_ready(), iters=20)
+    return 2 * nbytes / dt
+
+
+def make_model(cfg: Config) -> Transformer:
+    """Random bf16 weights created on the device (one jit, no host copy)."""
+    @nnx.jit
+    def init():
+        return Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+
+    return init()
+
+
+def weight_bytes_per_forward(cfg: Config) -> int:
+    """Bytes a forward must stream: all layer weights + head + norms (the embedding is a row gather)."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f + 2 * d
+    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * d + d)
+
+
+def kv_bytes(cfg: Config, batch: int, slots: int) -> int:
+    return 2 * 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim
+
+
+def bench_forward(model, cfg, batch, ctx, t, causal, attn_impl="xla"):
+    graphdef, params = nnx.split(model)
+    capacity = ctx + 64
+
+    @jax.jit
+    def fwd(params, tokens, cache):
+        m = nnx.merge(graphdef, params)
+        pos = cache.lengths[:, None] + jnp.arange(t)[None]
+        logits, cache = m(tokens, pos, cache, causal=causal, attn_impl=attn_impl)
+        return logits[:, -1, :8], cache  # keep the head matmul, return little
+
+    cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, lengths=jnp.full((batch,), ctx, jnp.int32))
+    tokens = jnp.ones((batch, t), jnp.int32)
+    state = {"cache": cache}
+
+    def run():
+        out, state["cache"] = fwd(params, tokens, state["cache"])
+        out.block_until_ready()
+
+    return timeit(run, warmup=3, iters=20)
+
+
+def bench_ar_e2e(model, cfg, batch, prompt_len, new_tokens):
+    """End-to-end on-device AR decode loop (prefill excluded): tokens/s and compile seconds."""
+    graphdef, params = nnx.split(model)
+    opts = Options(mode="ar", stop_ids=())
+    capacity = -(-(prompt_len + new_tokens + 64) // 128) * 128
+
+    def fresh():
+        cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16,
+                             lengths=jnp.full((batch,), prompt_len, jnp.int32))
+        keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
+        first = jnp.full((batch,), 5, jnp.int32)
+        return initial_state(cache, new_tokens + 64, keys, jnp.int32(new_tokens), Sampling.make(), None, first,
+                             opts)
+
+    t0 = time.perf_counter()
+    st = run_device(graphdef, params, ar.step, opts, fresh())
+    st.n_out.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(3):
+        st = fresh()
+        t = time.perf_counter()
+        st = run_device(graphdef, params, ar.step, opts, st)
+        st.n_out.block_until_ready()
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times)
+    steps = new_tokens - 1  # the first token came from the prefill
+    return {"tokens_per_s": batch * steps / dt, "ms_per_step": 1e3 * dt / steps, "compile_s": compile_s}
+
+
+def bench_size(name: str, args) -> dict:
+    cfg = PRESETS[name]
+    t = time.perf_counter()
+    model = make_model(cfg)
+    jax.block_until_ready(nnx.state(model))
+    res = {"size": name, "init_s": time.perf_counter() - t, "weight_bytes": weight_bytes_per_forward(cfg),
+           "forward": [], "e2e_ar": []}
+    bw = args.bandwidth
+    for ctx in args.contexts:
+        row = {"context": ctx}
+        for t_chunk, causal, key in ((1, True, "t1"), (32, True, "t32_causal"), (32, False, "t32_bidir")):
+            dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal)
+            row[key + "_ms"] = 1e3 * dt
+        streamed = res["weight_bytes"] + kv_bytes(cfg, 1, ctx + 64)
+        row["floor_ms"] = 1e3 * streamed / bw
+        row["t1_roofline_pct"] = 100 * row["floor_ms"] / row["t1_ms"]
+        row["t32_over_t1"] = row["t32_causal_ms"] / row["t1_ms"]
+        row["linear_spec_round_in_ar_forwards"] = (row["t32_bidir_ms"] + row["t32_causal_ms"]) / row["t1_ms"]
+        res["forward"].append(row)
+        print(json.dumps({name: row}), flush=True)
+    for b in args.batches:
+        r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens)
+        r["batch"] = b
+        floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + args.new_tokens + 64)) / bw
+        r["roofline_pct"] = 100 * floor / (r["ms_per_step"] / 1e3)
+        res["e2e_ar"].append(r)
+        print(json.dumps({name: r}), flush=True)
+    del model
+    return res
+
+
+def bench_embedded(args) -> list[dict]:
+    from nemodiff_jax.cli import DEMO_PROMPTS, default_model
+    from nemodiff_jax.generate import load
+
+    gen = load(default_model(), dtype="bfloat16", progress=False)
+    rows = []
+    for mode in ("ar", "diffusion", "linear_spec"):
+        t = time.perf_counter()
+        gen.generate(DEMO_PROMPTS[:1], mode=mode, max_new_tokens=128)
+        compile_s = time.perf_counter() - t
+        r = gen.generate(DEMO_PROMPTS[:1], mode=mode, max_new_tokens=128)[0]
+        row = {"mode": mode, "compile_s": compile_s, **{k: v for k, v in r.stats.items() if k != "mode"}}
+        rows.append(row)
+        print(json.dumps({"embedded": row}), flush=True)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Card: {report['device']}; JAX {report['jax']}; {report['date']}; copy bandwidth "
+             f"{report['bandwidth_GBps']:.0f} GB/s (read+write).", ""]
+    for s in report["sizes"]:
+        lines += [f"**{s['size']}** (random bf16 weights, {s['weight_bytes'] / 1e9:.2f} GB streamed per forward)",
+                  "", "| context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | T=32 bidir ms | "
+                  "linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|"]
+        for r in s["forward"]:
+            lines.append(f"| {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | {r['t1_roofline_pct']:.0f}% | "
+                         f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "
+                         f"{r['linear_spec_round_in_ar_forwards']:.2f} |")
+        lines += ["", "| batch | AR tok/s | ms/step | % roofline | compile s |", "|---|---|---|---|---|"]
+        for r in s["e2e_ar"]:
+            lines.append(f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
+                         f"{r['roofline_pct']:.0f}% | {r['compile_s']:.1f} |")
+        lines.append("")
+    if report.get("embedded"):
+        lines += ["**Embedded model** (batch 1, 128 new tokens, bf16)", "",
+                  "| mode | tok/s | tokens/forward | accepted/round | steps/block | compile s |",
+                  "|---|---|---|---|---|---|"]
+        for r in report["embedded"]:
+            lines.append(f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['tokens_per_forward']:.2f} | "
+                         f"{r.get('mean_accepted_per_round', float('nan')):.2f} | "
+                         f"{r.get('denoise_steps_per_block', float('nan')):.2f} | {r['compile_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["8B"], choices=sorted(PRESETS))
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--embedded", action="store_true", help="also run the embedded model per mode")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--md", default=None)
+    args = p.parse_args(argv)
+    dev = jax.devices()[0]
+    args.bandwidth = copy_bandwidth(2 << 30 if dev.platform == "gpu" else 64 << 20)
+    report = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
+              "date": datetime.date.today().isoformat(), "host": platform.node(),
+              "bandwidth_GBps": args.bandwidth / 1e9, "sizes": []}
+    print(json.dumps({"bandwidth_GBps": report["bandwidth_GBps"], "device": report["device"]}), flush=True)
+    for name in args.sizes:
+        report["sizes"].append(bench_size(name, args))
+    if args.embedded:
+        report["embedded"] = bench_embedded(args)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    if args.md:
+        Path(args.md).write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
