@@ -115,6 +115,8 @@ def checkpoint_tensors(model_dir: Path) -> dict[str, TensorInfo]:
             weight_map: dict[str, str] = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: corrupt index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: corrupt index (weight_map must map tensor names to file names)")
         files = sorted(set(weight_map.values()))
     elif (model_dir / SINGLE_FILE).exists():
         weight_map, files = None, [SINGLE_FILE]
@@ -215,6 +217,10 @@ def save_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int | N
             extra_files: dict[str, str] | None = None, progress: bool = False) -> Path:
     """Exports config.json + model.safetensors (or shards + index when `max_shard_bytes` is set)."""
     out_dir = Path(out_dir)
+    # Never mix with an earlier export: a stale index would be loaded instead of the new single file.
+    existing = sorted(p.name for p in out_dir.glob("*.safetensors")) + [INDEX_FILE] * (out_dir / INDEX_FILE).exists()
+    if existing:
+        raise FileExistsError(f"{out_dir}: already holds checkpoint files {existing[:3]}; refusing to overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg: Config = model.config
     tensors = model_tensors_hf(model)

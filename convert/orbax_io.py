@@ -55,21 +55,21 @@ def load_orbax(path: str | Path, dtype=None, shardings: dict | None = None) -> T
         raise CheckpointError(f"{path / MARKER}: unknown format {meta.get('format')!r}")
     cfg = Config.from_hf_config(meta["config"])
     saved_dtype = jnp.dtype(meta["dtype"])
-    abstract = abstract_model(cfg, saved_dtype)
+    load_dtype = saved_dtype if dtype is None else jnp.dtype(dtype)
+    # Built in the load dtype: Transformer.dtype also sets the KV-cache dtype and the matmul precision.
+    abstract = abstract_model(cfg, load_dtype)
     graphdef, abstract_state = nnx.split(abstract)
     target = nnx.to_pure_dict(abstract_state)
 
-    def with_sharding(path_keys, leaf):
+    def saved_leaf(path_keys, leaf):
         key = tuple(k.key if hasattr(k, "key") else k.idx for k in path_keys)
         sharding = (shardings or {}).get(key)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding) if sharding is not None else leaf
+        return jax.ShapeDtypeStruct(leaf.shape, saved_dtype, sharding=sharding)
 
-    target = jax.tree_util.tree_map_with_path(with_sharding, target)
+    target = jax.tree_util.tree_map_with_path(saved_leaf, target)
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(path / "state", target)
+    if load_dtype != saved_dtype:
+        restored = jax.tree.map(lambda x: x.astype(load_dtype), restored)
     nnx.replace_by_pure_dict(abstract_state, restored)
-    model = nnx.merge(graphdef, abstract_state)
-    if dtype is not None and jnp.dtype(dtype) != saved_dtype:
-        state = nnx.state(model)
-        nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), state))
-    return model
+    return nnx.merge(graphdef, abstract_state)

@@ -50,7 +50,7 @@ class Config:
     pad_token_id: int | None = None
     block_size: int = 32
     # dtype the checkpoint declares (informational; the load dtype is chosen by the caller).
-    torch_dtype: str = "bfloat16"
+    torch_dtype: str = dataclasses.field(default="bfloat16", compare=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -142,9 +142,11 @@ class Config:
                 rope.setdefault("rope_theta", theta_top)
         else:
             rope = dict(rope)
-            if theta_top is not None and rope.get("rope_theta", theta_top) != theta_top:
-                raise ConfigError(f"config.json: rope_theta={theta_top} disagrees with "
-                                  f"rope_parameters.rope_theta={rope['rope_theta']}")
+            if theta_top is not None:  # an older exporter may keep theta only at the top level
+                rope.setdefault("rope_theta", theta_top)
+                if rope["rope_theta"] != theta_top:
+                    raise ConfigError(f"config.json: rope_theta={theta_top} disagrees with "
+                                      f"rope_parameters.rope_theta={rope['rope_theta']}")
         kw.update(_rope_from_dict(rope))
         if hf:
             raise ConfigError(f"config.json: unknown key(s) {sorted(hf)} (not supported; refusing to guess)")
