@@ -1,17 +1,17 @@
 """HF NLD checkpoint (safetensors, single file or index) <-> nnx model, strictly.
 
-One name table (regex over HF names -> nnx path + layout kind) and one transform per kind that asserts the
-HF shape before touching it. Unmapped, missing, duplicate, mis-shaped or wrongly typed tensors, and truncated
+One name table (`layout(cfg)`: every HF tensor -> nnx path, layout kind, block of a fused param, HF shape) and
+one transform per kind; the HF shape is checked before a tensor is touched. Unmapped, missing, duplicate, mis-shaped or wrongly typed tensors, and truncated
 or corrupt files, are errors that name the file and the tensor. Tensors stream one at a time from a
 memory map straight to their device (and sharding): peak host memory ~ the largest tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -30,76 +30,78 @@ WEIGHT_DTYPES = ("BF16", "F16", "F32")
 # Non-weight buffers some exporters leave behind; dropped by name, never by accident.
 DROPPED = (re.compile(r"encoder\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
 
-# HF name -> (nnx path, kind). Kinds: see _hf_shape / _to_nnx / _to_hf.
-_TABLE: list[tuple[re.Pattern, Callable[[re.Match], tuple], str]] = [
-    (re.compile(r"encoder\.embed_tokens\.weight"), lambda m: ("embed_tokens",), "same"),
-    (re.compile(r"encoder\.norm\.weight"), lambda m: ("norm", "weight"), "same"),
-    (re.compile(r"diffusion_head\.weight"), lambda m: ("diffusion_head",), "linear"),
-    (re.compile(r"encoder\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight"),
-     lambda m: ("layers", int(m[1]), m[2], "weight"), "same"),
-    (re.compile(r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.weight"),
-     lambda m: ("layers", int(m[1]), "self_attn", m[2]), "split_out"),
-    (re.compile(r"encoder\.layers\.(\d+)\.self_attn\.o_proj\.weight"),
-     lambda m: ("layers", int(m[1]), "self_attn", "o_proj"), "split_in"),
-    (re.compile(r"encoder\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight"),
-     lambda m: ("layers", int(m[1]), "mlp", m[2]), "linear"),
-]
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Where one HF tensor lives in the nnx model. Fused params (qkv_proj [D,K,G+2,H], gate_up_proj [D,2,F])
+    are filled from several HF tensors; `index` selects the block (qkv: 0 q, 1 k, 2 v; gate_up: 0, 1)."""
+
+    hf: str
+    path: tuple
+    kind: str  # same | linear | heads_in | qkv | gate_up
+    index: int
+    hf_shape: tuple[int, ...]
 
 
-def nnx_path(name: str) -> tuple[tuple, str] | None:
-    for pattern, path, kind in _TABLE:
-        m = pattern.fullmatch(name)
-        if m:
-            return path(m), kind
-    return None
+def layout(cfg: Config) -> dict[str, Piece]:
+    """Every HF tensor of an NLD model with this config (the one name table, generated from the config)."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pieces = [Piece("encoder.embed_tokens.weight", ("embed_tokens",), "same", 0, (v, d)),
+              Piece("encoder.norm.weight", ("norm", "weight"), "same", 0, (d,))]
+    if not cfg.tie_word_embeddings:
+        pieces.append(Piece("diffusion_head.weight", ("diffusion_head",), "linear", 0, (v, d)))
+    for i in range(cfg.num_layers):
+        p = f"encoder.layers.{i}."
+        attn, mlp = ("layers", i, "self_attn"), ("layers", i, "mlp")
+        pieces += [
+            Piece(p + "input_layernorm.weight", ("layers", i, "input_layernorm", "weight"), "same", 0, (d,)),
+            Piece(p + "post_attention_layernorm.weight", ("layers", i, "post_attention_layernorm", "weight"),
+                  "same", 0, (d,)),
+            Piece(p + "self_attn.q_proj.weight", attn + ("qkv_proj",), "qkv", 0, (n * h, d)),
+            Piece(p + "self_attn.k_proj.weight", attn + ("qkv_proj",), "qkv", 1, (k * h, d)),
+            Piece(p + "self_attn.v_proj.weight", attn + ("qkv_proj",), "qkv", 2, (k * h, d)),
+            Piece(p + "self_attn.o_proj.weight", attn + ("o_proj",), "heads_in", 0, (d, n * h)),
+            Piece(p + "mlp.gate_proj.weight", mlp + ("gate_up_proj",), "gate_up", 0, (f, d)),
+            Piece(p + "mlp.up_proj.weight", mlp + ("gate_up_proj",), "gate_up", 1, (f, d)),
+            Piece(p + "mlp.down_proj.weight", mlp + ("down_proj",), "linear", 0, (d, f)),
+        ]
+    return {pc.hf: pc for pc in pieces}
 
 
-def hf_name(path: tuple) -> str:
-    """Inverse of nnx_path."""
-    if path == ("embed_tokens",):
-        return "encoder.embed_tokens.weight"
-    if path == ("norm", "weight"):
-        return "encoder.norm.weight"
-    if path == ("diffusion_head",):
-        return "diffusion_head.weight"
-    _, i, *rest = path
-    return f"encoder.layers.{i}." + ".".join(rest) + ("" if rest[-1] == "weight" else ".weight")
+def _block(pc: Piece, cfg: Config):
+    """Index of the piece's block inside its nnx param."""
+    g = cfg.group_size
+    if pc.kind == "qkv":
+        return np.s_[:, :, :g, :] if pc.index == 0 else np.s_[:, :, g + pc.index - 1:g + pc.index, :]
+    if pc.kind == "gate_up":
+        return np.s_[:, pc.index, :]
+    return np.s_[...]
 
 
-def _hf_shape(nnx_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    if kind == "same":
-        return nnx_shape
-    if kind == "linear":  # [in, out] <- [out, in]
-        return nnx_shape[::-1]
-    if kind == "split_out":  # [D, heads, H] <- [heads*H, D]
-        return (nnx_shape[1] * nnx_shape[2], nnx_shape[0])
-    if kind == "split_in":  # [heads, H, D] <- [D, heads*H]
-        return (nnx_shape[2], nnx_shape[0] * nnx_shape[1])
-    raise AssertionError(kind)
-
-
-def _to_nnx(arr: np.ndarray, nnx_shape: tuple[int, ...], kind: str) -> np.ndarray:
-    if kind == "same":
+def _to_nnx(arr: np.ndarray, pc: Piece, cfg: Config) -> np.ndarray:
+    """HF [out, in] tensor -> the nnx block it fills (PyTorch layout transposed, heads split)."""
+    if pc.kind == "same":
         return arr
-    if kind == "linear":
+    if pc.kind in ("linear", "gate_up"):
         return arr.T
-    if kind == "split_out":
-        return arr.T.reshape(nnx_shape)
-    if kind == "split_in":
-        return arr.T.reshape(nnx_shape)
-    raise AssertionError(kind)
+    if pc.kind == "heads_in":  # [D, N*H] -> [N, H, D]
+        return arr.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
+    if pc.kind == "qkv":  # [K*G*H, D] (q) or [K*H, D] (k, v) -> [D, K, G|1, H]
+        return arr.reshape(cfg.num_kv_heads, -1, cfg.head_dim, cfg.hidden_size).transpose(3, 0, 1, 2)
+    raise AssertionError(pc.kind)
 
 
-def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "same":
-        return arr
-    if kind == "linear":
-        return arr.T
-    if kind == "split_out":
-        return arr.reshape(arr.shape[0], -1).T
-    if kind == "split_in":
-        return arr.reshape(-1, arr.shape[-1]).T
-    raise AssertionError(kind)
+def _to_hf(block: np.ndarray, pc: Piece) -> np.ndarray:
+    """Inverse of _to_nnx, from the piece's block of the nnx param."""
+    if pc.kind == "same":
+        return block
+    if pc.kind in ("linear", "gate_up"):
+        return block.T
+    if pc.kind == "heads_in":
+        return block.reshape(-1, block.shape[-1]).T
+    if pc.kind == "qkv":
+        return block.transpose(1, 2, 3, 0).reshape(-1, block.shape[0])
+    raise AssertionError(pc.kind)
 
 
 # ------------------------------------------------------------------ checkpoint files
@@ -160,56 +162,67 @@ def load_model(model_dir: str | Path, cfg: Config, dtype=jnp.bfloat16, shardings
     graphdef, abstract_state = nnx.split(abstract)
     expected = {path: var for path, var in nnx.to_flat_state(abstract_state)}
 
-    plan: list[tuple[TensorInfo, tuple, str]] = []
+    pieces = layout(cfg)
+    plan: list[tuple[TensorInfo, Piece]] = []
     for name, info in tensors.items():
         if any(p.fullmatch(name) for p in DROPPED):
             continue
-        mapped = nnx_path(name)
-        if mapped is None or mapped[0] not in expected:
+        pc = pieces.get(name)
+        if pc is None:
             raise CheckpointError(f"{info.file}: unexpected tensor {name!r} (not part of a "
                                   f"{cfg.num_layers}-layer NLD model)")
-        path, kind = mapped
-        want = _hf_shape(tuple(expected[path].shape), kind)
-        if info.shape != want:
-            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected {list(want)}")
+        if info.shape != pc.hf_shape:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
+                                  f"{list(pc.hf_shape)}")
         if info.dtype not in WEIGHT_DTYPES:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected one of "
                                   f"{WEIGHT_DTYPES}")
-        plan.append((info, path, kind))
-    missing = sorted(set(expected) - {p for _, p, _ in plan})
+        plan.append((info, pc))
+    missing = sorted(set(pieces) - {pc.hf for _, pc in plan})
     if missing:
-        raise CheckpointError(f"{model_dir}: missing tensor(s) {[hf_name(p) for p in missing][:8]}"
+        raise CheckpointError(f"{model_dir}: missing tensor(s) {missing[:8]}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
+    # A param is sent to its device as soon as all its pieces are in; only params in flight sit on the host.
+    todo = {path: 0 for path in expected}
+    for _, pc in plan:
+        todo[pc.path] += 1
+    host: dict[tuple, np.ndarray] = {}
     readers: dict[Path, Reader] = {}
     values: dict[tuple, jax.Array] = {}
-    bar = tqdm(total=sum(i.end - i.begin for i, _, _ in plan), unit="B", unit_scale=True,
+    bar = tqdm(total=sum(i.end - i.begin for i, _ in plan), unit="B", unit_scale=True,
                desc=f"loading {model_dir.name}", disable=not progress)
     try:
-        for info, path, kind in sorted(plan, key=lambda x: (str(x[0].file), x[0].begin)):
+        for info, pc in sorted(plan, key=lambda x: (str(x[0].file), x[0].begin)):
             reader = readers.get(info.file) or readers.setdefault(info.file, Reader(info.file))
-            # Always an owned copy: the mmap closes after loading, and jax may alias host buffers.
-            arr = np.array(_to_nnx(reader.get(info), tuple(expected[path].shape), kind), dtype=dtype,
-                           order="C", copy=True)
-            sharding = shardings.get(path) if shardings else None
-            values[path] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
+            buf = host.get(pc.path)
+            if buf is None:
+                buf = host[pc.path] = np.empty(tuple(expected[pc.path].shape), dtype)
+            buf[_block(pc, cfg)] = _to_nnx(reader.get(info), pc, cfg)  # an owned copy: the mmap closes later
+            todo[pc.path] -= 1
+            if todo[pc.path] == 0:
+                arr = host.pop(pc.path)
+                sharding = shardings.get(pc.path) if shardings else None
+                values[pc.path] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
             bar.update(info.end - info.begin)
     finally:
         bar.close()
         for r in readers.values():
             r.close()
     for path, var in nnx.to_flat_state(abstract_state):
-        var.set_value(values[path]) if hasattr(var, "set_value") else setattr(var, "value", values[path])
+        var.set_value(values[path])
     return nnx.merge(graphdef, abstract_state)
 
 
 def model_tensors_hf(model: Transformer) -> dict[str, np.ndarray]:
     """The model's weights as HF-named numpy arrays in PyTorch layout (dtype kept)."""
+    params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    host: dict[tuple, np.ndarray] = {}
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        _, kind = nnx_path(hf_name(path))
-        out[hf_name(path)] = np.asarray(jax.device_get(var[...]))
-        out[hf_name(path)] = np.ascontiguousarray(_to_hf(out[hf_name(path)], kind))
+    for name, pc in layout(model.config).items():
+        if pc.path not in host:
+            host[pc.path] = np.asarray(jax.device_get(params[pc.path][...]))
+        out[name] = np.ascontiguousarray(_to_hf(host[pc.path][_block(pc, model.config)], pc))
     return out
 
 
@@ -263,5 +276,5 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["CheckpointError", "DTYPES", "load_model", "save_hf", "checkpoint_tensors", "read_hf_tensors",
-           "model_tensors_hf", "nnx_path", "hf_name"]
+__all__ = ["CheckpointError", "DTYPES", "Piece", "layout", "load_model", "save_hf", "checkpoint_tensors",
+           "read_hf_tensors", "model_tensors_hf"]

@@ -5,7 +5,8 @@ thing that differs between prefill, AR step, denoise, draft, verify and commit i
 caller does with the cache afterwards (see cache.py). Layers are a Python list, unrolled under jit: scanning
 over stacked layer weights was measured 2.6x slower in the decode path.
 
-Parameter layouts (Flax [in, out], heads split): q [D,N,H], k/v [D,K,H], o [N,H,D], gate/up [D,F],
+Parameter layouts (Flax [in, out], heads split): qkv [D,K,G+2,H] (per kv head: its G query heads, then k,
+then v: one GEMV instead of three, and it shards cleanly over kv heads), o [N,H,D], gate_up [D,2,F],
 down [F,D], embed [V,D], head [D,V]. Each Param carries `logical_axes` for sharding.py.
 """
 
@@ -22,8 +23,8 @@ from nemodiff_jax.config import Config
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
-    if scale is None:  # fan-in init for matrices
-        fan_in = shape[0] if len(shape) == 2 else (shape[0] if axes[0] == "embed" else shape[0] * shape[1])
+    if scale is None:  # fan-in init for matrices (all inputs lead, except o_proj's [N, H, D])
+        fan_in = shape[0] * shape[1] if axes[:2] == ("q_heads", "head_dim") else shape[0]
         scale = fan_in ** -0.5
     value = jax.random.normal(rngs.params(), shape, jnp.float32) * scale
     return nnx.Param(value.astype(dtype), logical_axes=axes)
@@ -44,16 +45,17 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: Config, rngs: nnx.Rngs, dtype):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
-        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.group = cfg.group_size
+        self.qkv_proj = _param(rngs, (d, k, self.group + 2, h), ("embed", "kv_heads", None, "head_dim"), dtype)
         self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
 
     def __call__(self, x, cos, sin, qscale, cache: KVCache | None, layer: int, *, causal: bool, mask=None,
                  lora=None, attn_impl: str = "xla"):
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
+        qkv = jnp.einsum("btd,dkch->btkch", x, self.qkv_proj[...])
+        g = self.group
+        b, t, kh = qkv.shape[:3]
+        q = qkv[:, :, :, :g].reshape(b, t, kh * g, -1)  # query head n = kv head * G + g (HF repeat_kv order)
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin)
         if qscale is not None:  # Llama-4 query temperature, after RoPE, q only
@@ -81,13 +83,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: Config, rngs: nnx.Rngs, dtype):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.gate_up_proj = _param(rngs, (d, 2, f), ("embed", None, "mlp"), dtype)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
 
     def __call__(self, x):
-        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...])
-        up = jnp.einsum("btd,df->btf", x, self.up_proj[...])
+        gate_up = jnp.einsum("btd,dcf->btcf", x, self.gate_up_proj[...])
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...])
 
 

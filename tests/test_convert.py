@@ -14,8 +14,8 @@ import safetensors.numpy
 from flax import nnx
 
 import nemodiff_jax
-from convert.hf import (INDEX_FILE, _hf_shape, checkpoint_tensors, hf_name, load_model, model_tensors_hf, nnx_path,
-                        read_hf_tensors, save_hf)
+from convert.hf import (INDEX_FILE, checkpoint_tensors, layout, load_model, model_tensors_hf, read_hf_tensors,
+                        save_hf)
 from convert.orbax_io import save_orbax
 from convert.safetensors_io import CheckpointError
 from nemodiff_jax.config import PRESETS, Config, num_params
@@ -90,14 +90,20 @@ def test_hf_layout(models):
     d, n, k, h, f = CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim, CFG.intermediate_size
     assert len(t) == 9 * CFG.num_layers + 3
     attn = m.layers[1].self_attn
-    q, kk, o = (np.asarray(p[...]) for p in (attn.q_proj, attn.k_proj, attn.o_proj))
+    qkv, o = np.asarray(attn.qkv_proj[...]), np.asarray(attn.o_proj[...])  # [D, K, G+2, H], [N, H, D]
+    g = CFG.group_size
     assert t["encoder.layers.1.self_attn.q_proj.weight"].shape == (n * h, d)
     assert t["encoder.layers.1.self_attn.k_proj.weight"].shape == (k * h, d)
     assert t["encoder.layers.1.self_attn.o_proj.weight"].shape == (d, n * h)
     for head, j, x in [(0, 0, 0), (3, 31, 63), (2, 7, 11), (1, 16, 40)]:
-        assert t["encoder.layers.1.self_attn.q_proj.weight"][head * h + j, x] == q[x, head, j]
+        kv = head // g  # query head -> its kv head (HF repeat_kv order)
+        assert t["encoder.layers.1.self_attn.q_proj.weight"][head * h + j, x] == qkv[x, kv, head % g, j]
         assert t["encoder.layers.1.self_attn.o_proj.weight"][x, head * h + j] == o[head, j, x]
-        assert t["encoder.layers.1.self_attn.k_proj.weight"][(head % k) * h + j, x] == kk[x, head % k, j]
+        assert t["encoder.layers.1.self_attn.k_proj.weight"][kv * h + j, x] == qkv[x, kv, g, j]
+        assert t["encoder.layers.1.self_attn.v_proj.weight"][kv * h + j, x] == qkv[x, kv, g + 1, j]
+    gate_up = np.asarray(m.layers[0].mlp.gate_up_proj[...])  # [D, 2, F]
+    np.testing.assert_array_equal(t["encoder.layers.0.mlp.gate_proj.weight"], gate_up[:, 0].T)
+    np.testing.assert_array_equal(t["encoder.layers.0.mlp.up_proj.weight"], gate_up[:, 1].T)
     down = np.asarray(m.layers[0].mlp.down_proj[...])
     np.testing.assert_array_equal(t["encoder.layers.0.mlp.down_proj.weight"], down.T)
     assert t["encoder.layers.0.mlp.gate_proj.weight"].shape == (f, d)
@@ -441,14 +447,15 @@ def test_preset_shapes_and_counts(name, count, billions, gib):
     model = abstract_model(cfg)
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert all(isinstance(var.get_value(), jax.ShapeDtypeStruct) for _, var in flat)  # nothing allocated
-    shapes = {}
-    for path, var in flat:
-        hf = hf_name(path)
-        mapped_path, kind = nnx_path(hf)
-        assert mapped_path == path
-        shapes[hf] = _hf_shape(tuple(var.shape), kind)
+    pieces = layout(cfg)
+    shapes = {name: pc.hf_shape for name, pc in pieces.items()}
     assert len(shapes) == count == 9 * cfg.num_layers + 3
     assert shapes == expected_hf_shapes(cfg)
+    # the pieces tile the nnx params exactly: every param covered, element counts equal
+    sizes = {}
+    for pc in pieces.values():
+        sizes[pc.path] = sizes.get(pc.path, 0) + math.prod(pc.hf_shape)
+    assert sizes == {path: math.prod(var.shape) for path, var in flat}
     n = sum(math.prod(s) for s in shapes.values())
     assert n == num_params(cfg)
     assert round(n / 1e9, 2) == billions
@@ -457,18 +464,22 @@ def test_preset_shapes_and_counts(name, count, billions, gib):
 
 def test_14b_shapes_from_spec():
     cfg = PRESETS["14B"]
+    pieces = layout(cfg)
+
+    def hf(name):
+        return pieces[name].hf_shape
+
+    assert hf("encoder.layers.39.self_attn.q_proj.weight") == (4096, 5120)
+    assert hf("encoder.layers.39.self_attn.k_proj.weight") == hf("encoder.layers.0.self_attn.v_proj.weight") == (
+        1024, 5120)
+    assert hf("encoder.layers.7.self_attn.o_proj.weight") == (5120, 4096)
+    assert hf("encoder.layers.0.mlp.gate_proj.weight") == (16384, 5120)
+    assert hf("encoder.layers.0.mlp.down_proj.weight") == (5120, 16384)
+    assert hf("diffusion_head.weight") == (131072, 5120)
+    assert hf("encoder.embed_tokens.weight") == (131072, 5120)
     flat = dict(nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)))
-
-    def hf(path):
-        return _hf_shape(tuple(flat[path].shape), nnx_path(hf_name(path))[1])
-
-    assert hf(("layers", 39, "self_attn", "q_proj")) == (4096, 5120)
-    assert hf(("layers", 39, "self_attn", "k_proj")) == hf(("layers", 0, "self_attn", "v_proj")) == (1024, 5120)
-    assert hf(("layers", 7, "self_attn", "o_proj")) == (5120, 4096)
-    assert hf(("layers", 0, "mlp", "gate_proj")) == (16384, 5120)
-    assert hf(("layers", 0, "mlp", "down_proj")) == (5120, 16384)
-    assert hf(("diffusion_head",)) == (131072, 5120)
-    assert hf(("embed_tokens",)) == (131072, 5120)
+    assert tuple(flat[("layers", 39, "self_attn", "qkv_proj")].shape) == (5120, 8, 6, 128)
+    assert tuple(flat[("layers", 0, "mlp", "gate_up_proj")].shape) == (5120, 2, 16384)
 
 
 def test_num_params_tied():
