@@ -1,0 +1,71 @@
+"""The `nemodiff` command line on a tiny random model that carries the shipped tokenizer."""
+
+import io
+import json
+import shutil
+import sys
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from convert.hf import read_hf_tensors, save_hf
+from nemodiff_jax import cli
+from nemodiff_jax.config import PRESETS
+from nemodiff_jax.model import Transformer
+
+ASSETS = cli.ASSETS
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_tok")
+    cfg = PRESETS["tiny"].replace(vocab_size=8192)
+    save_hf(Transformer(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32), d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(ASSETS / name, d / name)
+    return d
+
+
+def test_generate_streams_text_and_stats(model_dir, capsys):
+    rc = cli.main(["generate", "--model", str(model_dir), "--dtype", "float32", "--mode", "linear_spec",
+                   "--prompt", "HAMLET:", "--max-new-tokens", "12", "--compact"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["mode"] == "linear_spec" and 1 <= stats["generated_tokens"] <= 12
+    assert stats["rounds"] >= 1 and stats["mean_accepted_per_round"] >= 1
+    assert len(out.strip()) > 0
+
+
+def test_generate_reads_stdin_and_matches_api(model_dir, capsys, monkeypatch):
+    import nemodiff_jax
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("To be, or not"))
+    assert cli.main(["generate", "--model", str(model_dir), "--dtype", "float32", "--mode", "ar", "--prompt", "-",
+                     "--max-new-tokens", "8"]) == 0
+    out, _ = capsys.readouterr()
+    gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
+    want = gen.generate(["To be, or not"], mode="ar", max_new_tokens=8)[0].text
+    assert out.rstrip("\n") == want
+
+
+def test_convert_to_orbax_and_hf(model_dir, tmp_path, capsys):
+    import nemodiff_jax
+    import numpy as np
+
+    assert cli.main(["convert", str(model_dir), str(tmp_path / "ob"), "--dtype", "float32"]) == 0
+    assert cli.main(["convert", str(tmp_path / "ob"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "float32"]) == 0
+    a, b = read_hf_tensors(model_dir), read_hf_tensors(tmp_path / "hf")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    gen = nemodiff_jax.load(tmp_path / "ob", dtype="float32", progress=False)
+    assert gen.tokenizer is not None  # tokenizer files travel with the orbax checkpoint
+    # refusing to overwrite is an error message and exit code 2, not a traceback
+    assert cli.main(["convert", str(model_dir), str(tmp_path / "ob")]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_bad_mode_option_is_a_clear_error(model_dir, capsys):
+    rc = cli.main(["generate", "--model", str(model_dir), "--mode", "ar", "--policy", "leftmost", "--prompt", "x"])
+    assert rc == 2
+    assert "unknown option(s) ['policy'] for mode 'ar'" in capsys.readouterr().err
