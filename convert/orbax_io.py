@@ -48,6 +48,10 @@ def save_orbax(model: Transformer, out_dir: str | Path, *, copy_from: str | Path
     return out_dir
 
 
+def orbax_config(path: str | Path) -> Config:
+    return Config.from_hf_config(json.loads((Path(path) / MARKER).read_text())["config"])
+
+
 def load_orbax(path: str | Path, dtype=None, shardings: dict | None = None) -> Transformer:
     path = Path(path).absolute()
     meta = json.loads((path / MARKER).read_text())

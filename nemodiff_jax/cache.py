@@ -30,10 +30,16 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: Config, batch: int, capacity: int, dtype=jnp.bfloat16,
-             lengths: jax.Array | None = None) -> KVCache:
+             lengths: jax.Array | None = None, sharding=None) -> KVCache:
+        """Zeroed buffers; `sharding` (a NamedSharding for [B, S, K, H]) places them on a mesh."""
         shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-        k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+
+        def buf():
+            x = jnp.zeros(shape, dtype)
+            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+        k = tuple(buf() for _ in range(cfg.num_layers))
+        v = tuple(buf() for _ in range(cfg.num_layers))
         if lengths is None:
             lengths = jnp.zeros((batch,), jnp.int32)
         return cls(k=k, v=v, lengths=jnp.asarray(lengths, jnp.int32))

@@ -18,7 +18,7 @@ from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import ar, diffusion, speculative
 from nemodiff_jax.decoding.common import Options, State, initial_state, prefill, run_device, run_python
 from nemodiff_jax.lora import LoRA, load_lora
-from nemodiff_jax.model import Transformer
+from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.tokenizer import Tokenizer
 
@@ -51,7 +51,13 @@ def _bucket(n: int, minimum: int = 16) -> int:
 class Generator:
     """A loaded NLD model: `.config`, `.model`, `.tokenizer` (or None), `.logits(...)`, `.generate(...)`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, path: Path | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, path: Path | None = None,
+                 mesh=None):
+        self.mesh = mesh
+        if mesh is not None:
+            from nemodiff_jax.sharding import shard_model
+
+            model = shard_model(model, mesh)
         self.model = model
         self.config: Config = model.config
         self.tokenizer = tokenizer
@@ -74,9 +80,13 @@ class Generator:
             lora = spec
         else:
             lora = load_lora(spec, self.config, self.dtype)
-        if len(lora.a) != self.config.num_layers or lora.b[0].shape[-1] != self.config.hidden_size:
-            raise ValueError(f"LoRA has {len(lora.a)} layers / hidden {lora.b[0].shape[-1]}, model has "
-                             f"{self.config.num_layers} / {self.config.hidden_size}")
+        cfg, r = self.config, lora.rank
+        want_a, want_b = (cfg.num_heads, cfg.head_dim, r), (r, cfg.hidden_size)
+        bad = [i for i, (a, b) in enumerate(zip(lora.a, lora.b)) if a.shape != want_a or b.shape != want_b]
+        if len(lora.a) != cfg.num_layers or len(lora.b) != cfg.num_layers or bad:
+            got = (len(lora.a), tuple(lora.a[0].shape), tuple(lora.b[0].shape))
+            raise ValueError(f"LoRA shape does not fit this model: (layers, A, B) = {got}, model needs "
+                             f"({cfg.num_layers}, {want_a}, {want_b})")
         return lora
 
     def logits(self, token_ids, causal: bool = True) -> np.ndarray:
@@ -131,6 +141,10 @@ class Generator:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         ids = self.encode_prompts(prompts)
+        n_real = len(ids)
+        if self.mesh is not None and len(ids) % self.mesh.shape["data"]:
+            # rows are sharded over "data": pad with copies of the first prompt (their results are dropped)
+            ids = ids + [ids[0]] * (self.mesh.shape["data"] - len(ids) % self.mesh.shape["data"])
         cfg = self.config
         block = o.get("block_size") or cfg.block_size
         if mode != "ar" and not 2 <= block <= 256:
@@ -150,8 +164,9 @@ class Generator:
         stops = cfg.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
         b = len(ids)
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
-        if len(seeds) != b:
-            raise ValueError(f"got {len(seeds)} seeds for {b} prompts")
+        if len(seeds) < n_real or (not isinstance(seed, int) and len(seeds) != n_real):
+            raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
+        seeds = seeds + [seeds[0]] * (b - len(seeds))
         opts = Options(mode=mode, stop_ids=stops, block=block, policy=o.get("policy", "threshold"),
                        threshold=float(o.get("threshold", 0.0)), steps=o.get("steps"),
                        mask_id=cfg.mask_token_id, attn_impl=self.attn_impl)
@@ -164,10 +179,18 @@ class Generator:
         lens = np.array([len(p) for p in ids], np.int32)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         sampling = Sampling.make(temperature, top_k, top_p)
+        prompt, lens, cache_sharding = jnp.asarray(prompt), jnp.asarray(lens), None
+        if self.mesh is not None:
+            from nemodiff_jax import sharding as shd
+
+            rows = shd.rows_sharding(b, self.mesh)
+            prompt = jax.device_put(prompt, shd.NamedSharding(self.mesh, shd.P(rows.spec[0], None)))
+            lens, keys = jax.device_put(lens, rows), jax.device_put(keys, rows)
+            cache_sharding = shd.cache_sharding(cfg, b, self.mesh)
         with jax.default_matmul_precision(self._precision):
-            st = _prefill_fn(self._graphdef, self._params, jnp.asarray(prompt), jnp.asarray(lens), keys,
-                             jnp.int32(max_new_tokens), sampling, lora_obj, capacity, out_len, opts)
-        return st, opts, ids
+            st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, jnp.int32(max_new_tokens),
+                             sampling, lora_obj, capacity, out_len, opts, cache_sharding)
+        return st, opts, ids[:n_real]
 
     def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
@@ -184,6 +207,7 @@ class Generator:
         t0 = time.perf_counter()
         st, opts, ids = self._prepare(prompts, mode, max_new_tokens, temperature, top_k, top_p, seed,
                                       stop_token_ids, lora, mode_options)
+        n_rows = len(ids)
         step_fn = MODES[mode].step
         with jax.default_matmul_precision(self._precision):
             if loop == "device":
@@ -191,7 +215,7 @@ class Generator:
             else:
                 for st in run_python(self._graphdef, self._params, step_fn, opts, st):
                     pass
-        return self._results(st, opts, max_new_tokens, time.perf_counter() - t0)
+        return self._results(st, opts, max_new_tokens, time.perf_counter() - t0, n_rows)
 
     def stream(self, prompt, mode: str = "ar", max_new_tokens: int = 128, **kw) -> Iterator[list[int]]:
         """Yields the new tokens of one prompt as each step (token / block / round) lands; the last item is
@@ -220,11 +244,12 @@ class Generator:
                 return toks[:j + 1]
         return toks
 
-    def _results(self, st: State, opts: Options, max_new: int, wall: float) -> list[Result]:
+    def _results(self, st: State, opts: Options, max_new: int, wall: float, n_rows: int | None = None
+                 ) -> list[Result]:
         st = jax.device_get(st)
         results = []
         total = 0
-        for i in range(st.n_out.shape[0]):
+        for i in range(n_rows if n_rows is not None else st.n_out.shape[0]):
             toks = self._row_tokens(st, opts, i, max_new)
             total += len(toks)
             passes, rounds, work = int(st.passes[i]), int(st.rounds[i]), int(st.work[i])
@@ -250,10 +275,11 @@ def _with_first(first, rest):
     yield from rest
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def _prefill_fn(graphdef, params, prompt, lens, keys, max_new, sampling, lora, capacity, out_len, opts):
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
+def _prefill_fn(graphdef, params, prompt, lens, keys, max_new, sampling, lora, capacity, out_len, opts,
+                cache_sharding):
     model = nnx.merge(graphdef, params)
-    cache = KVCache.init(model.config, prompt.shape[0], capacity, model.dtype)
+    cache = KVCache.init(model.config, prompt.shape[0], capacity, model.dtype, sharding=cache_sharding)
     last, cache = prefill(model, prompt, lens, cache, opts)
     first = ar.first_token(last, cache, keys, sampling)
     return initial_state(cache, out_len, keys, max_new, sampling, lora, first, opts)
@@ -270,24 +296,34 @@ def _logits_fn(graphdef, params, tokens, causal):
 
 
 def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None = None, progress: bool = True,
-         shardings: dict | None = None) -> Generator:
-    """Loads an HF NLD directory (config.json + safetensors) or a nemodiff orbax directory."""
+         mesh=None) -> Generator:
+    """Loads an HF NLD directory (config.json + safetensors) or a nemodiff orbax directory.
+
+    `mesh` (see sharding.make_mesh): weights stream straight into their shardings (tensor parallel over
+    "model"), batches are split over "data"."""
     from convert.hf import load_model
-    from convert.orbax_io import is_orbax_dir, load_orbax
+    from convert.orbax_io import is_orbax_dir, load_orbax, orbax_config
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected an HF model directory or an orbax checkpoint)")
+    def shardings_for(cfg):
+        if mesh is None:
+            return None
+        from nemodiff_jax.sharding import param_shardings
+
+        return param_shardings(abstract_model(cfg, DTYPES[dtype]), mesh)
+
     if is_orbax_dir(path):
-        model = load_orbax(path, DTYPES[dtype], shardings=shardings)
+        model = load_orbax(path, DTYPES[dtype], shardings=shardings_for(orbax_config(path)))
     else:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json")
         cfg = Config.from_file(path / "config.json")
-        model = load_model(path, cfg, DTYPES[dtype], shardings=shardings, progress=progress)
-    gen = Generator(model, Tokenizer.from_dir(path), path)
+        model = load_model(path, cfg, DTYPES[dtype], shardings=shardings_for(cfg), progress=progress)
+    gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh)
     if drafter is not None:
         gen.attach_drafter(drafter)
     return gen

@@ -43,9 +43,10 @@ def select(policy: str, conf: jax.Array, masked: jax.Array, step_idx, steps: int
     n_masked = masked.sum(-1, keepdims=True)
     score = jnp.where(masked, conf, -jnp.inf)
     if policy == "threshold":
-        # the single most confident masked slot always, plus every masked slot at or above the threshold
+        # the single most confident masked slot always, plus every masked slot at or above the threshold;
+        # on the last allowed step everything left (a step limit must never leave masks in the output)
         top1 = jax.nn.one_hot(jnp.argmax(score, axis=-1), masked.shape[-1], dtype=bool)
-        return masked & (top1 | (conf >= threshold))
+        return masked & (top1 | (conf >= threshold) | (step_idx >= steps - 1))
     remaining = jnp.maximum(steps - step_idx, 1)
     k = -(-n_masked // remaining)  # ceil(masks / remaining steps)
     if policy == "low_confidence":

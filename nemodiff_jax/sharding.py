@@ -1,0 +1,73 @@
+"""Logical axes -> mesh axes. One small rules table; a ("data", "model") mesh over any number of devices.
+
+Tensor parallelism shards heads / MLP / vocab over "model"; batch rows go over "data". A dimension that the
+mesh axis does not divide stays replicated (e.g. 8 kv heads over 16 devices), so every mesh shape is valid.
+Attention is local per device because whole heads are sharded.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+RULES: dict[str, str | None] = {
+    "vocab": "model",
+    "embed": None,
+    "q_heads": "model",
+    "kv_heads": "model",
+    "head_dim": None,
+    "mlp": "model",
+    "batch": "data",
+}
+
+
+def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
+    """A ("data", "model") mesh; `model` defaults to all devices not used by `data`."""
+    devices = list(jax.devices() if devices is None else devices)
+    if model is None:
+        model = len(devices) // data
+    if data * model > len(devices) or data < 1 or model < 1:
+        raise ValueError(f"mesh ({data}, {model}) needs {data * model} devices, have {len(devices)}")
+    grid = np.array(devices[: data * model]).reshape(data, model)
+    return Mesh(grid, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
+    out = []
+    for dim, name in zip(shape, axes):
+        mesh_axis = RULES.get(name) if name else None
+        if mesh_axis is not None and dim % mesh.shape[mesh_axis]:
+            mesh_axis = None  # not divisible: replicate this dimension
+        out.append(mesh_axis)
+    return P(*out)
+
+
+def param_shardings(model, mesh: Mesh) -> dict[tuple, NamedSharding]:
+    """nnx path -> NamedSharding for every parameter, from its `logical_axes` metadata."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+        out[path] = NamedSharding(mesh, spec_for(tuple(var.shape), axes, mesh))
+    return out
+
+
+def cache_sharding(cfg, batch: int, mesh: Mesh) -> NamedSharding:
+    """KV buffers [B, S, K, H]: rows over data, kv heads over model (where they divide)."""
+    return NamedSharding(mesh, spec_for((batch, 0, cfg.num_kv_heads, cfg.head_dim),
+                                        ("batch", None, "kv_heads", None), mesh))
+
+
+def rows_sharding(batch: int, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec_for((batch,), ("batch",), mesh))
+
+
+def shard_model(model, mesh: Mesh):
+    """Places an existing model's parameters onto the mesh (loading uses param_shardings directly)."""
+    shardings = param_shardings(model, mesh)
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(jax.device_put(var.get_value(), shardings[path]))
+    nnx.update(model, state)
+    return model
