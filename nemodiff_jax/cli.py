@@ -169,7 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--input", required=True)
     bt.add_argument("--output", required=True)
     bt.add_argument("--batch-size", type=int, default=8)
-    bt.add_argument("--data-parallel", action="store_true", help="shard the batch over all local devices")
+    bt.add_argument("--data-parallel", action="store_true", help="shard the batch rows over all devices")
+    bt.add_argument("--max-prompt-tokens", type=int, default=1024,
+                    help="longest prompt accepted; longer lines are reported and skipped")
+    bt.add_argument("--max-new-tokens-cap", type=int, default=None,
+                    help="largest per-request max_new_tokens (default: --max-new-tokens)")
+    bt.add_argument("--no-progress", action="store_true")
+    bt.add_argument("--distributed", action="store_true",
+                    help="multi-host: call jax.distributed.initialize(); each process takes every N-th line and "
+                         "should write its own --output")
     bt.set_defaults(fn=cmd_batch)
     return p
 

@@ -69,6 +69,23 @@ class Generator:
         self.drafter: LoRA | None = None
         self.attn_impl = "xla"
 
+    def place_rows(self, *arrays):
+        """Shards per-row arrays (leading batch dim) over the mesh's "data" axis; a no-op without a mesh."""
+        if self.mesh is None:
+            return arrays
+        from nemodiff_jax import sharding as shd
+
+        return tuple(jax.device_put(a, shd.NamedSharding(self.mesh, shd.P("data" if a.shape[0] %
+                                                                             self.mesh.shape["data"] == 0 else None)))
+                     for a in arrays)
+
+    def cache_sharding(self, batch: int):
+        if self.mesh is None:
+            return None
+        from nemodiff_jax import sharding as shd
+
+        return shd.cache_sharding(self.config, batch, self.mesh)
+
     def attach_drafter(self, path_or_lora) -> None:
         """Attaches the linear-spec drafter LoRA (a PEFT directory or a LoRA); used by default in drafts."""
         self.drafter = self._lora(path_or_lora)
@@ -179,16 +196,11 @@ class Generator:
         lens = np.array([len(p) for p in ids], np.int32)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         sampling = Sampling.make(temperature, top_k, top_p)
-        prompt, lens, cache_sharding = jnp.asarray(prompt), jnp.asarray(lens), None
-        if self.mesh is not None:
-            from nemodiff_jax import sharding as shd
-
-            rows = shd.rows_sharding(b, self.mesh)
-            prompt = jax.device_put(prompt, shd.NamedSharding(self.mesh, shd.P(rows.spec[0], None)))
-            lens, keys = jax.device_put(lens, rows), jax.device_put(keys, rows)
-            cache_sharding = shd.cache_sharding(cfg, b, self.mesh)
+        max_new = jnp.full((b,), max_new_tokens, jnp.int32)
+        prompt, lens, keys, max_new = self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys, max_new)
+        cache_sharding = self.cache_sharding(b)
         with jax.default_matmul_precision(self._precision):
-            st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, jnp.int32(max_new_tokens),
+            st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, max_new,
                              sampling, lora_obj, capacity, out_len, opts, cache_sharding)
         return st, opts, ids[:n_real]
 
@@ -215,7 +227,7 @@ class Generator:
             else:
                 for st in run_python(self._graphdef, self._params, step_fn, opts, st):
                     pass
-        return self._results(st, opts, max_new_tokens, time.perf_counter() - t0, n_rows)
+        return self._results(st, opts, time.perf_counter() - t0, n_rows)
 
     def stream(self, prompt, mode: str = "ar", max_new_tokens: int = 128, **kw) -> Iterator[list[int]]:
         """Yields the new tokens of one prompt as each step (token / block / round) lands; the last item is
@@ -230,44 +242,53 @@ class Generator:
         with jax.default_matmul_precision(self._precision):
             states = run_python(self._graphdef, self._params, step_fn, opts, st)
             for final in _with_first(st, states):
-                tokens = self._row_tokens(final, opts, 0, max_new_tokens)
+                tokens = row_tokens(final, opts, 0)
                 if len(tokens) > emitted:
                     yield tokens[emitted:]
                     emitted = len(tokens)
-        yield self._results(final, opts, max_new_tokens, time.perf_counter() - t0)[0]
+        yield self._results(final, opts, time.perf_counter() - t0)[0]
 
-    def _row_tokens(self, st: State, opts: Options, i: int, max_new: int) -> list[int]:
-        n = min(int(st.n_out[i]), max_new)
-        toks = np.asarray(st.out[i, :n]).tolist()
-        for j, t in enumerate(toks):
-            if t in opts.stop_ids:
-                return toks[:j + 1]
-        return toks
+    def row_result(self, st: State, opts: Options, i: int, wall: float) -> Result:
+        toks = row_tokens(st, opts, i)
+        text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
+        return Result(tokens=toks, text=text, stats=row_stats(st, opts, i, len(toks), wall))
 
-    def _results(self, st: State, opts: Options, max_new: int, wall: float, n_rows: int | None = None
-                 ) -> list[Result]:
+    def _results(self, st: State, opts: Options, wall: float, n_rows: int | None = None) -> list[Result]:
         st = jax.device_get(st)
         results = []
         total = 0
         for i in range(n_rows if n_rows is not None else st.n_out.shape[0]):
-            toks = self._row_tokens(st, opts, i, max_new)
-            total += len(toks)
-            passes, rounds, work = int(st.passes[i]), int(st.rounds[i]), int(st.work[i])
-            stats = {"mode": opts.mode, "generated_tokens": len(toks), "forward_passes": passes + 1,
-                     "decode_forward_passes": passes, "tokens_per_forward": len(toks) / (passes + 1),
-                     "wall_time_s": wall, "tokens_per_s": len(toks) / wall if wall > 0 else float("nan")}
-            if opts.mode == "diffusion":
-                stats["blocks"] = rounds
-                stats["denoise_steps_per_block"] = work / rounds if rounds else 0.0
-            if opts.mode == "linear_spec":
-                stats["rounds"] = rounds
-                stats["mean_accepted_per_round"] = work / rounds if rounds else 0.0
-            text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
-            results.append(Result(tokens=toks, text=text, stats=stats))
+            results.append(self.row_result(st, opts, i, wall))
+            total += len(results[-1].tokens)
         for r in results:
             r.stats["batch_forward_passes"] = int(st.total_passes) + 1
             r.stats["batch_tokens_per_s"] = total / wall if wall > 0 else float("nan")
         return results
+
+
+def row_tokens(st: State, opts: Options, i: int) -> list[int]:
+    """Row i's new tokens (host state): its budget, cut after the first stop token."""
+    n = min(int(st.n_out[i]), int(st.max_new[i]))
+    toks = np.asarray(st.out[i, :n]).tolist()
+    for j, t in enumerate(toks):
+        if t in opts.stop_ids:
+            return toks[:j + 1]
+    return toks
+
+
+def row_stats(st: State, opts: Options, i: int, n_tokens: int, wall: float) -> dict:
+    """Per-row stats. tokens_per_forward counts the prefill, so plain AR gives exactly 1.0."""
+    passes, rounds, work = int(st.passes[i]), int(st.rounds[i]), int(st.work[i])
+    stats = {"mode": opts.mode, "generated_tokens": n_tokens, "forward_passes": passes + 1,
+             "decode_forward_passes": passes, "tokens_per_forward": n_tokens / (passes + 1),
+             "wall_time_s": wall, "tokens_per_s": n_tokens / wall if wall > 0 else float("nan")}
+    if opts.mode == "diffusion":
+        stats["blocks"] = rounds
+        stats["denoise_steps_per_block"] = work / rounds if rounds else 0.0
+    if opts.mode == "linear_spec":
+        stats["rounds"] = rounds
+        stats["mean_accepted_per_round"] = work / rounds if rounds else 0.0
+    return stats
 
 
 def _with_first(first, rest):

@@ -132,7 +132,7 @@ def bench_ar_e2e(model, cfg, batch, prompt_len, new_tokens):
                              lengths=jnp.full((batch,), prompt_len, jnp.int32))
         keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
         first = jnp.full((batch,), 5, jnp.int32)
-        return initial_state(cache, new_tokens + 64, keys, jnp.int32(new_tokens), Sampling.make(), None, first,
+        return initial_state(cache, new_tokens + 64, keys, jnp.full((batch,), new_tokens, jnp.int32), Sampling.make(), None, first,
                              opts)
 
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ class State:
     done: jax.Array  # [B] bool
     seed: jax.Array  # [B] int32: AR: last token (to feed); diffusion/linear_spec: next block's slot 0
     keys: jax.Array  # [B] PRNG keys
-    max_new: jax.Array  # [] int32
+    max_new: jax.Array  # [B] int32: each row's own budget of new tokens
     sampling: Sampling
     lora: LoRA | None
     passes: jax.Array  # [B] int32 decode forwards each row took part in (prefill excluded)

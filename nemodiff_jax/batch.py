@@ -1,0 +1,320 @@
+"""Batch generation jobs: JSONL in -> JSONL out, continuous batching, resumable, data parallel.
+
+Input lines: {"id": ..., "prompt": str | [int] | "messages": [...], optional "mode", "max_new_tokens",
+"temperature", "seed"}. Output lines: {"id", "text", "tokens", "stats"}, appended and flushed one result at a
+time, so a killed job loses nothing it finished; on restart, ids already in the output are skipped and a torn
+last line is cut off. Malformed input lines are reported with their line number and the job goes on.
+
+Requests are grouped by (mode, temperature); each group runs B slots in lock-step on device. When a row
+finishes, the segment loop returns, the row's result is written, and its slot is refilled with the next
+request by a prefill into that row alone (the other rows' K/V are untouched: the refill writes past their
+committed lengths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nemodiff_jax.decoding import ar
+from nemodiff_jax.decoding.common import Options, State, forward, initial_state
+from nemodiff_jax.generate import MODES, Generator, _bucket, _prefill_fn, _round_up, row_stats, row_tokens
+from nemodiff_jax.sampling import Sampling
+
+REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed"}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Request:
+    line: int
+    id: str
+    ids: list[int]
+    mode: str
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
+def parse_request(line_no: int, raw: str, gen: Generator, defaults) -> Request:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"line {line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"line {line_no}: expected a JSON object")
+    unknown = set(obj) - REQUEST_KEYS
+    if unknown:
+        raise BadRequest(f"line {line_no}: unknown field(s) {sorted(unknown)}")
+    if "id" not in obj or not isinstance(obj["id"], (str, int)):
+        raise BadRequest(f"line {line_no}: missing or invalid 'id'")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise BadRequest(f"line {line_no}: give exactly one of 'prompt' or 'messages'")
+    mode = obj.get("mode", defaults.mode)
+    if mode not in MODES:
+        raise BadRequest(f"line {line_no}: unknown mode {mode!r}")
+    max_new = obj.get("max_new_tokens", defaults.max_new_tokens)
+    if not isinstance(max_new, int) or not 1 <= max_new <= defaults.max_new_tokens_cap:
+        raise BadRequest(f"line {line_no}: max_new_tokens must be an int in [1, {defaults.max_new_tokens_cap}]")
+    temperature = obj.get("temperature", defaults.temperature)
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise BadRequest(f"line {line_no}: temperature must be a number >= 0")
+    seed = obj.get("seed", defaults.seed)
+    if not isinstance(seed, int):
+        raise BadRequest(f"line {line_no}: seed must be an int")
+    try:
+        if "messages" in obj:
+            if gen.tokenizer is None:
+                raise ValueError("'messages' needs a tokenizer with a chat template")
+            ids = gen.tokenizer.apply_chat_template(obj["messages"], tokenize=True)
+        else:
+            ids = gen.encode_prompts([obj["prompt"]])[0]
+    except (ValueError, TypeError) as e:
+        raise BadRequest(f"line {line_no}: {e}") from None
+    if len(ids) > defaults.max_prompt_tokens:
+        raise BadRequest(f"line {line_no}: prompt of {len(ids)} tokens exceeds the job's limit "
+                         f"{defaults.max_prompt_tokens} (--max-prompt-tokens)")
+    return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed)
+
+
+def read_done_ids(path: Path) -> set[str]:
+    """Ids already in the output; a torn last line (killed mid-write) is cut off first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    done = set()
+    for line in data.decode().splitlines():
+        if line.strip():
+            done.add(str(json.loads(line)["id"]))
+    return done
+
+
+# ------------------------------------------------------------------ the on-device engine
+
+
+def _merge_rows(mask, new, old):
+    """Row-wise select between two States (fields with a leading batch dim), keys included."""
+    def pick(a, b):
+        if not hasattr(a, "ndim") or a.ndim == 0:
+            return b
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(pick(jax.random.key_data(a), jax.random.key_data(b)))
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+        return jnp.where(m, a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
+def _refill_fn(graphdef, params, st: State, refill, prompt, lens, keys, max_new, opts: Options) -> State:
+    """Prefills `prompt` into the rows where `refill` is set; other rows keep their state and K/V."""
+    model = nnx.merge(graphdef, params)
+    cache = st.cache.crop(jnp.where(refill, 0, st.cache.lengths))
+    logits, cache = forward(model, prompt, cache, causal=True, opts=opts)
+    cache = cache.advance(jnp.where(refill, lens, 0))
+    last = jnp.take_along_axis(logits, jnp.maximum(lens - 1, 0)[:, None, None], axis=1)[:, 0]
+    first = ar.first_token(last, cache, keys, st.sampling)
+    new = initial_state(cache, st.out.shape[1], keys, max_new, st.sampling, st.lora, first, opts)
+    merged = _merge_rows(refill, dataclasses.replace(new, cache=st.cache), dataclasses.replace(st, cache=st.cache))
+    return dataclasses.replace(merged, cache=cache, total_passes=st.total_passes + 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
+def _segment_fn(graphdef, params, step_fn, opts: Options, st: State) -> State:
+    """Steps until some row that was running finishes (or all are done)."""
+    model = nnx.merge(graphdef, params)
+    done0 = st.done
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & ~done0),
+                              lambda s: step_fn(model, s, opts), st)
+
+
+class Engine:
+    """B slots for one (mode, temperature) group."""
+
+    def __init__(self, gen: Generator, mode: str, temperature: float, batch: int, max_prompt: int,
+                 max_new: int, mode_options: dict, top_k: int | None = None, top_p: float | None = None):
+        self.gen, self.mode, self.batch = gen, mode, batch
+        cfg = gen.config
+        block = mode_options.get("block_size") or cfg.block_size
+        # --threshold / --policy are diffusion settings; linear_spec drafts in one pass (threshold 0)
+        threshold = float(mode_options.get("threshold", 0.9)) if mode == "diffusion" else 0.0
+        self.opts = Options(mode=mode, stop_ids=cfg.eos_token_ids, block=block,
+                            policy=mode_options.get("policy") or "threshold", threshold=threshold,
+                            steps=None, mask_id=cfg.mask_token_id, attn_impl=gen.attn_impl)
+        self.p_pad = _bucket(max_prompt)
+        self.capacity = _round_up(self.p_pad + max_new + 2 * block, 128)
+        self.out_len = _round_up(max_new + block, 64)
+        self.sampling = Sampling.make(temperature, top_k, top_p)
+        self.lora = gen.drafter if mode == "linear_spec" else None
+        self.st: State | None = None
+        self.slots: list[Request | None] = [None] * batch
+        self.started = [0.0] * batch
+
+    def _inputs(self, reqs: dict[int, Request]):
+        b = self.batch
+        width = _bucket(max(len(r.ids) for r in reqs.values()))
+        prompt = np.zeros((b, width), np.int32)
+        lens = np.ones((b,), np.int32)
+        seeds = np.zeros((b,), np.uint32)
+        max_new = np.ones((b,), np.int32)
+        for i, r in reqs.items():
+            prompt[i, :len(r.ids)] = r.ids
+            lens[i], seeds[i], max_new[i] = len(r.ids), r.seed, r.max_new_tokens
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+        return self.gen.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys, jnp.asarray(max_new))
+
+    def fill(self, reqs: dict[int, Request]) -> None:
+        now = time.perf_counter()
+        for i, r in reqs.items():
+            self.slots[i], self.started[i] = r, now
+        g = self.gen
+        prompt, lens, keys, max_new = self._inputs(reqs)
+        with jax.default_matmul_precision(g._precision):
+            if self.st is None:
+                st = _prefill_fn(g._graphdef, g._params, prompt, lens, keys, max_new, self.sampling, self.lora,
+                                 self.capacity, self.out_len, self.opts, g.cache_sharding(self.batch))
+                empty = np.array([i not in reqs for i in range(self.batch)])
+                self.st = dataclasses.replace(st, done=st.done | jnp.asarray(empty))
+            else:
+                (refill,) = g.place_rows(jnp.asarray([i in reqs for i in range(self.batch)]))
+                self.st = _refill_fn(g._graphdef, g._params, self.st, refill, prompt, lens, keys, max_new,
+                                     self.opts)
+
+    def run_segment(self) -> list[tuple[Request, dict]]:
+        """Advances until a row finishes; returns the finished requests with their results."""
+        g = self.gen
+        with jax.default_matmul_precision(g._precision):
+            self.st = _segment_fn(g._graphdef, g._params, MODES[self.mode].step, self.opts, self.st)
+        host = jax.device_get(self.st)
+        finished = []
+        now = time.perf_counter()
+        for i, r in enumerate(self.slots):
+            if r is not None and bool(host.done[i]):
+                toks = row_tokens(host, self.opts, i)
+                stats = row_stats(host, self.opts, i, len(toks), now - self.started[i])
+                text = g.tokenizer.decode(toks) if g.tokenizer is not None else None
+                finished.append((r, {"id": r.id, "text": text, "tokens": toks, "stats": stats}))
+                self.slots[i] = None
+        return finished
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.slots) if r is None]
+
+    def busy(self) -> bool:
+        return any(r is not None for r in self.slots)
+
+
+def run_batch_job(args) -> int:
+    """The `nemodiff batch` command (see cli.py for the flags)."""
+    from nemodiff_jax.cli import default_model
+    from nemodiff_jax.generate import load
+
+    if getattr(args, "distributed", False):
+        jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
+    mesh = None
+    if args.data_parallel and len(jax.local_devices()) > 1:
+        from nemodiff_jax.sharding import make_mesh
+
+        mesh = make_mesh(data=len(jax.devices()), model=1)
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
+    in_path, out_path = Path(args.input), Path(args.output)
+    if not in_path.exists():
+        raise FileNotFoundError(f"{in_path}: input file not found")
+    done = read_done_ids(out_path)
+    defaults = argparse_defaults(args, gen)
+    shard, num_shards = jax.process_index(), jax.process_count()
+
+    pending: dict[tuple, list[Request]] = defaultdict(list)
+    seen: set[str] = set()
+    errors = 0
+    with open(in_path) as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip() or (line_no - 1) % num_shards != shard:
+                continue
+            try:
+                r = parse_request(line_no, raw, gen, defaults)
+                if r.id in seen:
+                    raise BadRequest(f"line {line_no}: duplicate id {r.id!r} (first seen earlier)")
+            except BadRequest as e:
+                errors += 1
+                print(f"nemodiff batch: skipped {e}", file=sys.stderr)
+                continue
+            seen.add(r.id)
+            if r.id not in done:
+                pending[(r.mode, r.temperature)].append(r)
+    total = sum(len(v) for v in pending.values())
+    batch = args.batch_size
+    if mesh is not None:
+        batch = _round_up(batch, mesh.shape["data"])
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="batch", unit="req", disable=args.no_progress)
+    with open(out_path, "a") as out:
+        for (mode, temperature), reqs in pending.items():
+            reqs.reverse()  # pop() from the end keeps input order
+            eng = Engine(gen, mode, temperature, batch if mesh is not None else min(batch, len(reqs)),
+                         defaults.max_prompt_tokens, defaults.max_new_tokens_cap, defaults.mode_options,
+                         args.top_k, args.top_p)
+            eng.fill({i: reqs.pop() for i in range(min(eng.batch, len(reqs)))})
+            while eng.busy():
+                for r, res in eng.run_segment():
+                    out.write(json.dumps(res) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                    tokens += len(res["tokens"])
+                    bar.update(1)
+                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
+                free = eng.free_slots()
+                if reqs and free:
+                    eng.fill({i: reqs.pop() for i in free[: len(reqs)]})
+    bar.close()
+    wall = time.perf_counter() - t0
+    print(f"nemodiff batch: {total} requests ({len(done)} already done, {errors} malformed lines skipped), "
+          f"{tokens} tokens in {wall:.1f}s = {tokens / wall if wall else 0:.1f} tok/s -> {out_path}",
+          file=sys.stderr)
+    return 0
+
+
+@dataclasses.dataclass
+class _Defaults:
+    mode: str
+    max_new_tokens: int
+    max_new_tokens_cap: int
+    temperature: float
+    seed: int
+    max_prompt_tokens: int
+    mode_options: dict
+
+
+def argparse_defaults(args, gen: Generator) -> _Defaults:
+    opts = {}
+    if args.block_size is not None:
+        opts["block_size"] = args.block_size
+    if args.threshold is not None:
+        opts["threshold"] = args.threshold
+    if args.policy is not None:
+        opts["policy"] = args.policy
+    cap = max(args.max_new_tokens, getattr(args, "max_new_tokens_cap", None) or args.max_new_tokens)
+    return _Defaults(mode=args.mode, max_new_tokens=args.max_new_tokens, max_new_tokens_cap=cap,
+                     temperature=args.temperature, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                     mode_options=opts)

@@ -1,0 +1,146 @@
+"""`nemodiff batch`: continuous batching equals one-at-a-time generation; kill + restart loses and duplicates
+nothing; malformed lines are reported with their line numbers and skipped."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import nemodiff_jax
+from convert.hf import save_hf
+from nemodiff_jax import batch, cli
+from nemodiff_jax.config import PRESETS
+from nemodiff_jax.model import Transformer
+
+PROMPTS = ["ROMEO:", "To be, or not to be", "Of Man's first disobedience", "HAMLET: What a piece of work",
+           "Now is the winter", "O", "KING:", "Friends, Romans, countrymen, lend me your ears"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch_model")
+    cfg = PRESETS["tiny"].replace(vocab_size=8192)
+    save_hf(Transformer(cfg, rngs=nnx.Rngs(5), dtype=jnp.float32), d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(cli.ASSETS / name, d / name)
+    return d
+
+
+def requests():
+    reqs = []
+    for i, p in enumerate(PROMPTS):
+        mode = ("ar", "linear_spec", "diffusion")[i % 3]
+        r = {"id": f"r{i}", "prompt": p, "mode": mode, "max_new_tokens": 6 + 3 * (i % 4)}
+        if i % 4 == 1:
+            r |= {"temperature": 0.7, "seed": 100 + i}
+        reqs.append(r)
+    reqs.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 5})
+    return reqs
+
+
+def write_input(path, with_bad=True):
+    lines = [json.dumps(r) for r in requests()]
+    if with_bad:
+        lines.insert(2, "{not json")                                        # line 3
+        lines.insert(4, json.dumps({"prompt": "no id"}))                     # line 5
+        lines.insert(6, json.dumps({"id": "m", "prompt": "x", "mode": "beam"}))  # line 7
+        lines.append(json.dumps({"id": "r0", "prompt": "dup"}))            # duplicate id
+        lines.append(json.dumps({"id": "long", "prompt": "word " * 400}))  # over --max-prompt-tokens
+        lines.append("")                                                   # blank lines are ignored
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_job(model_dir, inp, out, *extra):
+    return cli.main(["batch", "--model", str(model_dir), "--dtype", "float32", "--input", str(inp), "--output",
+                     str(out), "--batch-size", "3", "--max-new-tokens", "8", "--max-new-tokens-cap", "16",
+                     "--max-prompt-tokens", "64", "--no-progress", *extra])
+
+
+def read_out(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_results_equal_single_generation_and_bad_lines_reported(model_dir, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp)
+    assert run_job(model_dir, inp, out) == 0
+    err = capsys.readouterr().err
+    for needle in ("line 3: not valid JSON", "line 5: missing or invalid 'id'", "line 7: unknown mode 'beam'",
+                   "duplicate id 'r0'", "exceeds the job's limit 64", "5 malformed lines skipped"):
+        assert needle in err, needle
+    results = {r["id"]: r for r in read_out(out)}
+    assert sorted(results) == sorted(r["id"] for r in requests())
+    gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
+    for req in requests():
+        got = results[req["id"]]
+        prompt = (gen.tokenizer.apply_chat_template(req["messages"], tokenize=True) if "messages" in req
+                  else req["prompt"])
+        want = gen.generate([prompt], mode=req.get("mode", "linear_spec"), max_new_tokens=req["max_new_tokens"],
+                            temperature=req.get("temperature", 0.0), seed=req.get("seed", 0))[0]
+        assert got["tokens"] == want.tokens, req["id"]
+        assert got["text"] == want.text
+        assert got["stats"]["generated_tokens"] == len(want.tokens)
+
+
+def test_kill_and_restart_gives_exactly_one_result_per_id(model_dir, tmp_path, monkeypatch):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, with_bad=False)
+    full = tmp_path / "full.jsonl"
+    assert run_job(model_dir, inp, full) == 0
+
+    out = tmp_path / "out.jsonl"
+    real = batch.Engine.run_segment
+    calls = {"n": 0}
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the job is killed between two results
+        return real(self)
+
+    monkeypatch.setattr(batch.Engine, "run_segment", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(model_dir, inp, out)
+    partial = read_out(out)
+    assert 0 < len(partial) < len(requests())
+    with open(out, "a") as f:
+        f.write('{"id": "r7", "text": "torn wri')  # and a write torn by a kill
+    monkeypatch.setattr(batch.Engine, "run_segment", real)
+    assert run_job(model_dir, inp, out) == 0
+    ids = [r["id"] for r in read_out(out)]
+    assert sorted(ids) == sorted(r["id"] for r in requests()) and len(ids) == len(set(ids))
+    by_id = {r["id"]: r["tokens"] for r in read_out(full)}
+    assert {r["id"]: r["tokens"] for r in read_out(out)} == by_id
+    # a finished job restarted does nothing
+    assert run_job(model_dir, inp, out) == 0
+    assert len(read_out(out)) == len(ids)
+
+
+def test_same_seeds_same_outputs(model_dir, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, with_bad=False)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert run_job(model_dir, inp, a, "--batch-size", "2") == 0
+    assert run_job(model_dir, inp, b) == 0
+    assert sorted((r["id"], r["tokens"]) for r in read_out(a)) == sorted((r["id"], r["tokens"]) for r in read_out(b))
+
+
+def test_missing_input_is_a_clear_error(model_dir, tmp_path, capsys):
+    assert run_job(model_dir, tmp_path / "nope.jsonl", tmp_path / "o.jsonl") == 2
+    assert "input file not found" in capsys.readouterr().err
+
+
+def test_data_parallel_job_matches(model_dir, tmp_path):
+    """Rows sharded over the 8 fake CPU devices give the same results as one device."""
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs the 8-device CPU platform")
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, with_bad=False)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert run_job(model_dir, inp, a) == 0
+    assert run_job(model_dir, inp, b, "--data-parallel") == 0
+    assert sorted((r["id"], r["tokens"]) for r in read_out(a)) == sorted((r["id"], r["tokens"]) for r in read_out(b))
