@@ -227,6 +227,7 @@ class Generator:
             else:
                 for st in run_python(self._graphdef, self._params, step_fn, opts, st):
                     pass
+            st = jax.block_until_ready(st)  # dispatch is asynchronous: time the work, not the launch
         return self._results(st, opts, time.perf_counter() - t0, n_rows)
 
     def stream(self, prompt, mode: str = "ar", max_new_tokens: int = 128, **kw) -> Iterator[list[int]]:
