@@ -30,6 +30,7 @@ from nemodiff_jax.decoding import ar
 from nemodiff_jax.decoding.common import Options, State, initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
+from nemodiff_jax.sharding import cache_sharding, make_mesh, param_shardings
 
 
 def timeit(fn, *, warmup=2, iters=10) -> float:
@@ -62,23 +63,42 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return max(rates.values())
 
 
-def make_model(cfg: Config) -> Transformer:
-    """Random bf16 weights created on the device tensor by tensor (no host copy). One jit over the whole
-    8B init is a very slow XLA compile (seen: > 9 min on an H200); per-tensor draws compile per shape only."""
-    graphdef, state = nnx.split(abstract_model(cfg, jnp.bfloat16))
+MESH = None  # set by --mesh: a ("data", "model") mesh for tensor-parallel runs
 
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def draw(key, shape, scale):
-        return (jax.random.normal(key, shape, jnp.float32) * scale).astype(jnp.bfloat16)
+
+def make_model(cfg: Config) -> Transformer:
+    """Random bf16 weights created on the device tensor by tensor (no host copy), straight into their
+    shardings under --mesh. One jit over the whole 8B init is a very slow XLA compile (seen: > 9 min on an
+    H200); per-tensor draws compile per shape only."""
+    abstract = abstract_model(cfg, jnp.bfloat16)
+    graphdef, state = nnx.split(abstract)
+    shardings = param_shardings(abstract, MESH) if MESH is not None else {}
+
+    def draw(key, shape, scale, sharding=None):
+        f = jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(jnp.bfloat16),
+                    out_shardings=sharding)
+        return f(key)
 
     for i, (path, var) in enumerate(nnx.to_flat_state(state)):
         shape = tuple(var.shape)
         scale = 1.0 if len(shape) == 1 or path == ("embed_tokens",) else float(np.prod(shape[:-1])) ** -0.5
         if len(shape) == 3 and path[-1] == "o_proj":
             scale = float(shape[0] * shape[1]) ** -0.5
-        value = jnp.ones(shape, jnp.bfloat16) if len(shape) == 1 else draw(jax.random.key(i), shape, scale)
+        sharding = shardings.get(path)
+        if len(shape) == 1:
+            value = jnp.ones(shape, jnp.bfloat16, device=sharding)
+        else:
+            value = draw(jax.random.key(i), shape, scale, sharding)
         var.set_value(value)
     return nnx.merge(graphdef, state)
+
+
+def _tp() -> int:
+    return MESH.shape["model"] if MESH is not None else 1
+
+
+def _cache_sharding(cfg, batch):
+    return cache_sharding(cfg, batch, MESH) if MESH is not None else None
 
 
 def weight_bytes_per_forward(cfg: Config) -> int:
@@ -110,7 +130,8 @@ def bench_forward(model, cfg, batch, ctx, t, causal, attn_impl="xla", n=16):
 
         return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((batch,), jnp.float32)))
 
-    cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, lengths=jnp.full((batch,), ctx, jnp.int32))
+    cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, lengths=jnp.full((batch,), ctx, jnp.int32),
+                         sharding=_cache_sharding(cfg, batch))
     tokens = jnp.ones((batch, t), jnp.int32)
     state = {"cache": cache}
 
@@ -128,7 +149,7 @@ def bench_ar_e2e(model, cfg, batch, prompt_len, new_tokens):
     capacity = -(-(prompt_len + new_tokens + 64) // 128) * 128
 
     def fresh():
-        cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16,
+        cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, sharding=_cache_sharding(cfg, batch),
                              lengths=jnp.full((batch,), prompt_len, jnp.int32))
         keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
         first = jnp.full((batch,), 5, jnp.int32)
@@ -164,7 +185,7 @@ def bench_size(name: str, args) -> dict:
         for t_chunk, causal, key in ((1, True, "t1"), (32, True, "t32_causal"), (32, False, "t32_bidir")):
             dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal)
             row[key + "_ms"] = 1e3 * dt
-        streamed = res["weight_bytes"] + kv_bytes(cfg, 1, ctx + 64)
+        streamed = (res["weight_bytes"] + kv_bytes(cfg, 1, ctx + 64)) / _tp()  # per GPU under TP
         row["floor_ms"] = 1e3 * streamed / bw
         row["t1_roofline_pct"] = 100 * row["floor_ms"] / row["t1_ms"]
         row["t32_over_t1"] = row["t32_causal_ms"] / row["t1_ms"]
@@ -174,7 +195,7 @@ def bench_size(name: str, args) -> dict:
     for b in args.batches:
         r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens)
         r["batch"] = b
-        floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + args.new_tokens + 64)) / bw
+        floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + args.new_tokens + 64)) / _tp() / bw
         r["roofline_pct"] = 100 * floor / (r["ms_per_step"] / 1e3)
         res["e2e_ar"].append(r)
         print(json.dumps({name: r}), flush=True)
@@ -234,14 +255,19 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--embedded", action="store_true", help="also run the embedded model per mode")
+    p.add_argument("--mesh", nargs=2, type=int, metavar=("DATA", "MODEL"), default=None,
+                   help="run on a (data, model) mesh, e.g. --mesh 1 2 for tensor parallel over 2 GPUs")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--md", default=None)
     args = p.parse_args(argv)
+    global MESH
+    if args.mesh is not None:
+        MESH = make_mesh(*args.mesh)
     dev = jax.devices()[0]
     args.bandwidth = copy_bandwidth(2 << 30 if dev.platform == "gpu" else 64 << 20)
     report = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "host": platform.node(),
-              "bandwidth_GBps": args.bandwidth / 1e9, "sizes": []}
+              "bandwidth_GBps": args.bandwidth / 1e9, "mesh": args.mesh, "sizes": []}
     print(json.dumps({"bandwidth_GBps": report["bandwidth_GBps"], "device": report["device"]}), flush=True)
     for name in args.sizes:
         report["sizes"].append(bench_size(name, args))
