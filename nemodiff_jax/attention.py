@@ -34,10 +34,31 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+IMPLS = ("auto", "xla", "pallas")
+
+
+def pallas_supported(q: jax.Array, k_cache: jax.Array) -> bool:
+    """The Mosaic GPU kernel's domain: a Hopper-class GPU, 16-bit inputs, capacity a multiple of 8 (TMA
+    row alignment), head_dim 64 or 128."""
+    s = k_cache.shape[1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and k_cache.dtype == q.dtype
+            and s % 8 == 0 and s >= 64 and q.shape[-1] in (64, 128))
+
+
 def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                    causal: bool, impl: str = "xla") -> jax.Array:
-    """q [B,T,N,H] over the layer's cache [B,S,K,H] (chunk already written) with per-row lengths [B]."""
+                    causal: bool, impl: str = "auto") -> jax.Array:
+    """q [B,T,N,H] over the layer's cache [B,S,K,H] (chunk already written) with per-row lengths [B].
+
+    impl: "xla" (the reference; CPU and any device), "pallas" (pallas_kernels/chunk_attention.py: reads only
+    up to each row's length + T, scores stay on chip; 4-7x faster than "xla" on an H200, see
+    docs/PERFORMANCE.md), "auto" = pallas where supported, else xla."""
+    if impl == "auto":
+        impl = "pallas" if pallas_supported(q, k_cache) else "xla"
     if impl == "xla":
         mask = chunk_mask(lengths, q.shape[1], k_cache.shape[1], causal)
         return sdpa(q, k_cache, v_cache, mask)
-    raise ValueError(f"unknown attention impl {impl!r}")
+    if impl == "pallas":
+        from pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
+
+        return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal)
+    raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS}")

@@ -67,7 +67,9 @@ class Generator:
         # fp32 means fp32: without this, GPUs run float32 matmuls at reduced (tf32/bf16) precision.
         self._precision = "highest" if self.dtype == jnp.float32 else None
         self.drafter: LoRA | None = None
-        self.attn_impl = "xla"
+        # The Pallas kernel is a single-device custom call: under a mesh (heads or rows sharded) use the XLA
+        # path, which the SPMD partitioner splits; a shard_map-wrapped kernel is future work.
+        self.attn_impl = "auto" if mesh is None else "xla"
 
     def place_rows(self, *arrays):
         """Shards per-row arrays (leading batch dim) over the mesh's "data" axis; a no-op without a mesh."""

@@ -50,7 +50,7 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
 
     def __call__(self, x, cos, sin, qscale, cache: KVCache | None, layer: int, *, causal: bool, mask=None,
-                 lora=None, attn_impl: str = "xla"):
+                 lora=None, attn_impl: str = "auto"):
         qkv = jnp.einsum("btd,dkch->btkch", x, self.qkv_proj[...])
         g = self.group
         b, t, kh = qkv.shape[:3]
@@ -99,7 +99,7 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, rngs, dtype)
 
-    def __call__(self, x, cos, sin, qscale, cache, layer, *, causal, mask=None, lora=None, attn_impl="xla"):
+    def __call__(self, x, cos, sin, qscale, cache, layer, *, causal, mask=None, lora=None, attn_impl="auto"):
         with jax.named_scope("attn"):
             h, cache = self.self_attn(self.input_layernorm(x), cos, sin, qscale, cache, layer, causal=causal,
                                       mask=mask, lora=lora, attn_impl=attn_impl)
@@ -121,7 +121,7 @@ class Transformer(nnx.Module):
         else:
             self.diffusion_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
-    def hidden(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="xla"):
+    def hidden(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto"):
         """Final normalised hidden states [B,T,D] and the cache."""
         cfg = self.config
         if cache is not None:
@@ -140,7 +140,7 @@ class Transformer(nnx.Module):
         w = self.embed_tokens[...].T if self.diffusion_head is None else self.diffusion_head[...]
         return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="xla"):
+    def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto"):
         h, cache = self.hidden(tokens, positions, cache, causal=causal, mask=mask, lora=lora, attn_impl=attn_impl)
         with jax.named_scope("head"):
             return self.head(h), cache

@@ -142,10 +142,10 @@ def bench_forward(model, cfg, batch, ctx, t, causal, attn_impl="xla", n=16):
     return timeit(run, warmup=2, iters=5) / n
 
 
-def bench_ar_e2e(model, cfg, batch, prompt_len, new_tokens):
+def bench_ar_e2e(model, cfg, batch, prompt_len, new_tokens, attn_impl="auto"):
     """End-to-end on-device AR decode loop (prefill excluded): tokens/s and compile seconds."""
     graphdef, params = nnx.split(model)
-    opts = Options(mode="ar", stop_ids=())
+    opts = Options(mode="ar", stop_ids=(), attn_impl=attn_impl)
     capacity = -(-(prompt_len + new_tokens + 64) // 128) * 128
 
     def fresh():
@@ -180,10 +180,10 @@ def bench_size(name: str, args) -> dict:
     res = {"size": name, "init_s": time.perf_counter() - t, "weight_bytes": weight_bytes_per_forward(cfg),
            "forward": [], "e2e_ar": []}
     bw = args.bandwidth
-    for ctx in args.contexts:
-        row = {"context": ctx}
+    for ctx, impl in ((c, i) for i in args.attn for c in args.contexts):
+        row = {"context": ctx, "attn": impl}
         for t_chunk, causal, key in ((1, True, "t1"), (32, True, "t32_causal"), (32, False, "t32_bidir")):
-            dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal)
+            dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal, attn_impl=impl)
             row[key + "_ms"] = 1e3 * dt
         streamed = (res["weight_bytes"] + kv_bytes(cfg, 1, ctx + 64)) / _tp()  # per GPU under TP
         row["floor_ms"] = 1e3 * streamed / bw
@@ -192,9 +192,9 @@ def bench_size(name: str, args) -> dict:
         row["linear_spec_round_in_ar_forwards"] = (row["t32_bidir_ms"] + row["t32_causal_ms"]) / row["t1_ms"]
         res["forward"].append(row)
         print(json.dumps({name: row}), flush=True)
-    for b in args.batches:
-        r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens)
-        r["batch"] = b
+    for b, impl in ((b, i) for i in args.attn for b in args.batches):
+        r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens, attn_impl=impl)
+        r["batch"], r["attn"] = b, impl
         floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + args.new_tokens + 64)) / _tp() / bw
         r["roofline_pct"] = 100 * floor / (r["ms_per_step"] / 1e3)
         res["e2e_ar"].append(r)
@@ -225,15 +225,15 @@ def markdown(report: dict) -> str:
              f"{report['bandwidth_GBps']:.0f} GB/s (read+write).", ""]
     for s in report["sizes"]:
         lines += [f"**{s['size']}** (random bf16 weights, {s['weight_bytes'] / 1e9:.2f} GB streamed per forward)",
-                  "", "| context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | T=32 bidir ms | "
-                  "linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|"]
+                  "", "| attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | T=32 bidir ms | "
+                  "linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in s["forward"]:
-            lines.append(f"| {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | {r['t1_roofline_pct']:.0f}% | "
+            lines.append(f"| {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | {r['t1_roofline_pct']:.0f}% | "
                          f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "
                          f"{r['linear_spec_round_in_ar_forwards']:.2f} |")
-        lines += ["", "| batch | AR tok/s | ms/step | % roofline | compile s |", "|---|---|---|---|---|"]
+        lines += ["", "| attn | batch | AR tok/s | ms/step | % roofline | compile s |", "|---|---|---|---|---|---|"]
         for r in s["e2e_ar"]:
-            lines.append(f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
+            lines.append(f"| {r['attn']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
                          f"{r['roofline_pct']:.0f}% | {r['compile_s']:.1f} |")
         lines.append("")
     if report.get("embedded"):
@@ -255,6 +255,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--embedded", action="store_true", help="also run the embedded model per mode")
+    p.add_argument("--attn", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
+                   help="attention implementations to time (nemodiff_jax.attention.chunk_attention impl)")
     p.add_argument("--mesh", nargs=2, type=int, metavar=("DATA", "MODEL"), default=None,
                    help="run on a (data, model) mesh, e.g. --mesh 1 2 for tensor parallel over 2 GPUs")
     p.add_argument("--out", default="bench.json")

@@ -323,7 +323,8 @@ def test_device_loop_equals_python_loop_batched(gens, device_runs, sampling):
              **(GREEDY if sampling == "greedy" else SAMPLED), **MODES[mi][1])
     assert toks(dev) == toks(py)
     assert stats_wo_timing(dev) == stats_wo_timing(py)
-    assert len({r.stats["denoise_steps_per_block"] for r in dev}) > 1
+    if sampling == "greedy":  # the rows really progress differently (sampled rows may all take 7 steps)
+        assert len({r.stats["denoise_steps_per_block"] for r in dev}) > 1
 
 
 def test_seeds(gens, device_runs):
@@ -430,9 +431,9 @@ def test_bad_input_errors(gens, lora):
         (dict(prompts=PROMPTS, mode="ar", lora=lora), "lora is only used by mode 'linear_spec'"),
         (dict(prompts=PROMPTS, mode="diffusion", lora=lora), "lora is only used by mode 'linear_spec'"),
         (dict(prompts=PROMPTS, mode="linear_spec",
-              lora=random_lora(dataclasses.replace(CFG, num_layers=3), jax.random.key(0))), "LoRA has 3 layers"),
+              lora=random_lora(dataclasses.replace(CFG, num_layers=3), jax.random.key(0))), "LoRA shape does not fit this model"),
         (dict(prompts=PROMPTS, mode="linear_spec",
-              lora=random_lora(dataclasses.replace(CFG, hidden_size=32), jax.random.key(0))), "hidden 32"),
+              lora=random_lora(dataclasses.replace(CFG, hidden_size=32), jax.random.key(0))), r"\(8, 32\)\), model needs"),
         (dict(prompts=PROMPTS, seed=[1, 2]), "got 2 seeds for 4 prompts"),
         (dict(prompts=PROMPTS, loop="gpu"), "loop must be 'device' or 'python'"),
         (dict(prompts=PROMPTS, temperature=-1.0), "temperature must be >= 0"),
