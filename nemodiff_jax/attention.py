@@ -9,8 +9,11 @@ Shapes: B batch, T chunk, S cache capacity, N query heads, K kv heads, G = N/K, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 
 def chunk_mask(lengths: jax.Array, t: int, s: int, causal: bool) -> jax.Array:
@@ -37,6 +40,18 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
 IMPLS = ("auto", "xla", "pallas")
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedPallas:
+    """The Pallas kernel under a mesh: a pallas_call is one device's program, so it runs inside shard_map with
+    rows over "data" and heads over "model" (query head groups stay with their kv head: both are split into
+    the same number of contiguous blocks). Needs batch % data == 0 and kv heads % model == 0."""
+
+    mesh: Mesh
+    # CPU tests of the partitioning: run the kernel file's pure-jnp reference per device instead of the kernel
+    # (the Mosaic GPU interpreter keeps global state and cannot run several fake devices at once)
+    reference: bool = False
+
+
 def pallas_supported(q: jax.Array, k_cache: jax.Array) -> bool:
     """The Mosaic GPU kernel's domain: a Hopper-class GPU, 16-bit inputs, capacity a multiple of 8 (TMA
     row alignment), head_dim 64 or 128."""
@@ -46,12 +61,14 @@ def pallas_supported(q: jax.Array, k_cache: jax.Array) -> bool:
 
 
 def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                    causal: bool, impl: str = "auto") -> jax.Array:
+                    causal: bool, impl: str | ShardedPallas = "auto") -> jax.Array:
     """q [B,T,N,H] over the layer's cache [B,S,K,H] (chunk already written) with per-row lengths [B].
 
     impl: "xla" (the reference; CPU and any device), "pallas" (pallas_kernels/chunk_attention.py: reads only
     up to each row's length + T, scores stay on chip; 4-7x faster than "xla" on an H200, see
     docs/PERFORMANCE.md), "auto" = pallas where supported, else xla."""
+    if isinstance(impl, ShardedPallas):
+        return _sharded_pallas(q, k_cache, v_cache, lengths, causal, impl)
     if impl == "auto":
         impl = "pallas" if pallas_supported(q, k_cache) else "xla"
     if impl == "xla":
@@ -62,3 +79,17 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
 
         return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal)
     raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS}")
+
+
+def _sharded_pallas(q, k_cache, v_cache, lengths, causal: bool, impl: ShardedPallas):
+    from pallas_kernels.chunk_attention import chunk_attention_pallas, chunk_attention_reference
+
+    def per_device(q, k, v, lens):
+        if impl.reference:
+            return chunk_attention_reference(q, k, v, lens, causal=causal).astype(q.dtype)
+        return chunk_attention_pallas(q, k, v, lens, causal=causal)
+
+    heads = P("data", None, "model", None)
+    kernel = jax.shard_map(per_device, mesh=impl.mesh, in_specs=(heads, heads, heads, P("data")),
+                           out_specs=heads, check_vma=False)
+    return kernel(q, k_cache, v_cache, lengths)

@@ -67,9 +67,7 @@ class Generator:
         # fp32 means fp32: without this, GPUs run float32 matmuls at reduced (tf32/bf16) precision.
         self._precision = "highest" if self.dtype == jnp.float32 else None
         self.drafter: LoRA | None = None
-        # The Pallas kernel is a single-device custom call: under a mesh (heads or rows sharded) use the XLA
-        # path, which the SPMD partitioner splits; a shard_map-wrapped kernel is future work.
-        self.attn_impl = "auto" if mesh is None else "xla"
+        self.attn_impl = "auto" if mesh is None else sharded_attention_impl(self.config, mesh)
 
     def place_rows(self, *arrays):
         """Shards per-row arrays (leading batch dim) over the mesh's "data" axis; a no-op without a mesh."""
@@ -267,6 +265,18 @@ class Generator:
             r.stats["batch_forward_passes"] = int(st.total_passes) + 1
             r.stats["batch_tokens_per_s"] = total / wall if wall > 0 else float("nan")
         return results
+
+
+def sharded_attention_impl(cfg: Config, mesh, reference: bool = False):
+    """Under a mesh: the Pallas kernel per device (shard_map) on GPUs where the kv heads split evenly over
+    "model"; otherwise the XLA path, which the SPMD partitioner splits by itself. `reference` runs the
+    kernel's jnp reference in the same shard_map (CPU tests of the partitioning)."""
+    from nemodiff_jax.attention import ShardedPallas
+
+    on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
+    if (on_gpu or reference) and cfg.num_kv_heads % mesh.shape["model"] == 0:
+        return ShardedPallas(mesh, reference=reference)
+    return "xla"
 
 
 def row_tokens(st: State, opts: Options, i: int) -> list[int]:
