@@ -2,17 +2,12 @@
 nothing; malformed lines are reported with their line numbers and skipped."""
 
 import json
-import shutil
 
-import jax.numpy as jnp
 import pytest
-from flax import nnx
+from conftest import tiny_model_with_tokenizer
 
 import nemodiff_jax
-from convert.hf import save_hf
 from nemodiff_jax import batch, cli
-from nemodiff_jax.config import PRESETS
-from nemodiff_jax.model import Transformer
 
 PROMPTS = ["ROMEO:", "To be, or not to be", "Of Man's first disobedience", "HAMLET: What a piece of work",
            "Now is the winter", "O", "KING:", "Friends, Romans, countrymen, lend me your ears"]
@@ -20,12 +15,7 @@ PROMPTS = ["ROMEO:", "To be, or not to be", "Of Man's first disobedience", "HAML
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("batch_model")
-    cfg = PRESETS["tiny"].replace(vocab_size=8192)
-    save_hf(Transformer(cfg, rngs=nnx.Rngs(5), dtype=jnp.float32), d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(cli.ASSETS / name, d / name)
-    return d
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("batch_model"), seed=5)
 
 
 def requests():

@@ -2,29 +2,18 @@
 
 import io
 import json
-import shutil
 import sys
 
-import jax.numpy as jnp
 import pytest
-from flax import nnx
+from conftest import tiny_model_with_tokenizer
 
-from convert.hf import read_hf_tensors, save_hf
+from convert.hf import read_hf_tensors
 from nemodiff_jax import cli
-from nemodiff_jax.config import PRESETS
-from nemodiff_jax.model import Transformer
-
-ASSETS = cli.ASSETS
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_tok")
-    cfg = PRESETS["tiny"].replace(vocab_size=8192)
-    save_hf(Transformer(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32), d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(ASSETS / name, d / name)
-    return d
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny_tok"), seed=3)
 
 
 def test_generate_streams_text_and_stats(model_dir, capsys):
