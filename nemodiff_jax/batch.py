@@ -130,7 +130,10 @@ def _refill_fn(graphdef, params, st: State, refill, prompt, lens, keys, max_new,
     """Prefills `prompt` into the rows where `refill` is set; other rows keep their state and K/V."""
     model = nnx.merge(graphdef, params)
     cache = st.cache.crop(jnp.where(refill, 0, st.cache.lengths))
-    logits, cache = forward(model, prompt, cache, causal=True, opts=opts)
+    # Rows not refilled also run this forward, at their own lengths, where length + prompt width can pass
+    # the capacity: their writes are dropped and their logits unused. The XLA attention path handles that;
+    # the Pallas kernel assumes length + T <= capacity, so the refill prefill always uses XLA.
+    logits, cache = forward(model, prompt, cache, causal=True, opts=dataclasses.replace(opts, attn_impl="xla"))
     cache = cache.advance(jnp.where(refill, lens, 0))
     last = jnp.take_along_axis(logits, jnp.maximum(lens - 1, 0)[:, None, None], axis=1)[:, 0]
     first = ar.first_token(last, cache, keys, st.sampling)
