@@ -93,6 +93,15 @@ def make_model(cfg: Config) -> Transformer:
     return nnx.merge(graphdef, state)
 
 
+def _resolve(impl: str, cfg):
+    """Under --mesh the kernel must run per device (shard_map), as the Generator does."""
+    if MESH is not None and impl in ("auto", "pallas"):
+        from nemodiff_jax.generate import sharded_attention_impl
+
+        return sharded_attention_impl(cfg, MESH)
+    return impl
+
+
 def _tp() -> int:
     return MESH.shape["model"] if MESH is not None else 1
 
@@ -183,7 +192,7 @@ def bench_size(name: str, args) -> dict:
     for ctx, impl in ((c, i) for i in args.attn for c in args.contexts):
         row = {"context": ctx, "attn": impl}
         for t_chunk, causal, key in ((1, True, "t1"), (32, True, "t32_causal"), (32, False, "t32_bidir")):
-            dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal, attn_impl=impl)
+            dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal, attn_impl=_resolve(impl, cfg))
             row[key + "_ms"] = 1e3 * dt
         streamed = (res["weight_bytes"] + kv_bytes(cfg, 1, ctx + 64)) / _tp()  # per GPU under TP
         row["floor_ms"] = 1e3 * streamed / bw
@@ -193,7 +202,7 @@ def bench_size(name: str, args) -> dict:
         res["forward"].append(row)
         print(json.dumps({name: row}), flush=True)
     for b, impl in ((b, i) for i in args.attn for b in args.batches):
-        r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens, attn_impl=impl)
+        r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens, attn_impl=_resolve(impl, cfg))
         r["batch"], r["attn"] = b, impl
         floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + args.new_tokens + 64)) / _tp() / bw
         r["roofline_pct"] = 100 * floor / (r["ms_per_step"] / 1e3)
