@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from nemodiff_jax.decoding import ar
 from nemodiff_jax.decoding.common import Options, State, forward, initial_state
-from nemodiff_jax.generate import MODES, Generator, _bucket, _prefill_fn, _round_up, row_stats, row_tokens
+from nemodiff_jax.generate import (MODE_OPTIONS, MODES, Generator, _bucket, _prefill_fn, _round_up, row_stats,
+                                   row_tokens)
 from nemodiff_jax.sampling import Sampling
 
 REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed"}
@@ -157,13 +158,12 @@ class Engine:
     def __init__(self, gen: Generator, mode: str, temperature: float, batch: int, max_prompt: int,
                  max_new: int, mode_options: dict, top_k: int | None = None, top_p: float | None = None):
         self.gen, self.mode, self.batch = gen, mode, batch
-        cfg = gen.config
-        block = mode_options.get("block_size") or cfg.block_size
-        # --threshold / --policy are diffusion settings; linear_spec drafts in one pass (threshold 0)
-        threshold = float(mode_options.get("threshold", 0.9)) if mode == "diffusion" else 0.0
-        self.opts = Options(mode=mode, stop_ids=cfg.eos_token_ids, block=block,
-                            policy=mode_options.get("policy") or "threshold", threshold=threshold,
-                            steps=None, mask_id=cfg.mask_token_id, attn_impl=gen.attn_impl)
+        # --threshold / --policy are diffusion settings; linear_spec drafts in one pass (its default)
+        options = {k: v for k, v in mode_options.items() if k in MODE_OPTIONS[mode]}
+        if mode == "linear_spec":
+            options.pop("threshold", None)
+        self.opts = gen.make_options(mode, options, gen.config.eos_token_ids)
+        block = self.opts.block
         self.p_pad = _bucket(max_prompt)
         self.capacity = _round_up(self.p_pad + max_new + 2 * block, 128)
         self.out_len = _round_up(max_new + block, 64)

@@ -73,11 +73,9 @@ class Generator:
         """Shards per-row arrays (leading batch dim) over the mesh's "data" axis; a no-op without a mesh."""
         if self.mesh is None:
             return arrays
-        from nemodiff_jax import sharding as shd
+        from nemodiff_jax.sharding import rows_sharding
 
-        return tuple(jax.device_put(a, shd.NamedSharding(self.mesh, shd.P("data" if a.shape[0] %
-                                                                             self.mesh.shape["data"] == 0 else None)))
-                     for a in arrays)
+        return tuple(jax.device_put(a, rows_sharding(a.shape, self.mesh)) for a in arrays)
 
     def cache_sharding(self, batch: int):
         if self.mesh is None:
@@ -85,6 +83,14 @@ class Generator:
         from nemodiff_jax import sharding as shd
 
         return shd.cache_sharding(self.config, batch, self.mesh)
+
+    def make_options(self, mode: str, options: dict, stop_ids: tuple[int, ...]) -> Options:
+        """Static decoding options from a mode's (validated) options merged over MODE_OPTIONS defaults."""
+        o = {**MODE_OPTIONS[mode], **options}
+        cfg = self.config
+        return Options(mode=mode, stop_ids=stop_ids, block=o.get("block_size") or cfg.block_size,
+                       policy=o.get("policy", "threshold"), threshold=float(o.get("threshold", 0.0)),
+                       steps=o.get("steps"), mask_id=cfg.mask_token_id, attn_impl=self.attn_impl)
 
     def attach_drafter(self, path_or_lora) -> None:
         """Attaches the linear-spec drafter LoRA (a PEFT directory or a LoRA); used by default in drafts."""
@@ -184,9 +190,7 @@ class Generator:
         if len(seeds) < n_real or (not isinstance(seed, int) and len(seeds) != n_real):
             raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
         seeds = seeds + [seeds[0]] * (b - len(seeds))
-        opts = Options(mode=mode, stop_ids=stops, block=block, policy=o.get("policy", "threshold"),
-                       threshold=float(o.get("threshold", 0.0)), steps=o.get("steps"),
-                       mask_id=cfg.mask_token_id, attn_impl=self.attn_impl)
+        opts = self.make_options(mode, o, stops)
         p_pad = _bucket(longest)
         capacity = _round_up(p_pad + max_new_tokens + 2 * block, 128)
         out_len = _round_up(max_new_tokens + block, 64)

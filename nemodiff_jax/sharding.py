@@ -59,8 +59,9 @@ def cache_sharding(cfg, batch: int, mesh: Mesh) -> NamedSharding:
                                         ("batch", None, "kv_heads", None), mesh))
 
 
-def rows_sharding(batch: int, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, spec_for((batch,), ("batch",), mesh))
+def rows_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Per-row arrays (leading batch dim): rows over "data" where they divide, other dims replicated."""
+    return NamedSharding(mesh, spec_for(shape, ("batch",) + (None,) * (len(shape) - 1), mesh))
 
 
 def shard_model(model, mesh: Mesh):

@@ -27,7 +27,7 @@ from flax import nnx
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
 from nemodiff_jax.decoding import ar
-from nemodiff_jax.decoding.common import Options, State, initial_state, run_device
+from nemodiff_jax.decoding.common import Options, initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.sharding import cache_sharding, make_mesh, param_shardings

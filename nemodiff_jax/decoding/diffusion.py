@@ -89,7 +89,7 @@ def denoise(model, st: State, block: jax.Array, masked: jax.Array, cache, opts: 
 
 
 def step(model, st: State, opts: Options) -> State:
-    b, L = st.seed.shape[0], opts.block
+    L = opts.block
     active = ~st.done
     block, masked = new_block(st.seed, L, opts.mask_id)
     block, cache, nsteps, k = denoise(model, st, block, masked, st.cache, opts)

@@ -55,7 +55,7 @@ def draft(model, st: State, block, masked, cache, opts: Options):
 
 
 def step(model, st: State, opts: Options) -> State:
-    b, L = st.seed.shape[0], opts.block
+    L = opts.block
     active = ~st.done
     block, masked = new_block(st.seed, L, opts.mask_id)
     block, cache, n_draft = draft(model, st, block, masked, st.cache, opts)
