@@ -14,6 +14,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -151,43 +152,55 @@ def bench_forward(model, cfg, batch, ctx, t, causal, attn_impl="xla", n=16):
     return timeit(run, warmup=2, iters=5) / n
 
 
-def bench_ar_e2e(model, cfg, batch, prompt_len, new_tokens, attn_impl="auto"):
-    """End-to-end on-device AR decode loop (prefill excluded): tokens/s and compile seconds."""
+def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="auto", reps=3):
+    """End-to-end on-device decode loop of one mode (prefill excluded), mode defaults as the Generator's:
+    tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
+    commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real."""
+    from nemodiff_jax.generate import MODE_OPTIONS, MODES
+
     graphdef, params = nnx.split(model)
-    opts = Options(mode="ar", stop_ids=(), attn_impl=attn_impl)
-    capacity = -(-(prompt_len + new_tokens + 64) // 128) * 128
+    o = MODE_OPTIONS[mode]
+    opts = Options(mode=mode, stop_ids=(), block=cfg.block_size, policy=o.get("policy", "threshold"),
+                   threshold=float(o.get("threshold", 0.0)), mask_id=cfg.mask_token_id, attn_impl=attn_impl)
+    step = MODES[mode].step
+    capacity = -(-(prompt_len + new_tokens + 2 * cfg.block_size + 64) // 128) * 128
 
     def fresh():
         cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, sharding=_cache_sharding(cfg, batch),
                              lengths=jnp.full((batch,), prompt_len, jnp.int32))
         keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
         first = jnp.full((batch,), 5, jnp.int32)
-        return initial_state(cache, new_tokens + 64, keys, jnp.full((batch,), new_tokens, jnp.int32), Sampling.make(), None, first,
-                             opts)
+        return initial_state(cache, new_tokens + 2 * cfg.block_size, keys, jnp.full((batch,), new_tokens, jnp.int32),
+                             Sampling.make(), None, first, opts)
 
     t0 = time.perf_counter()
-    st = run_device(graphdef, params, ar.step, opts, fresh())
+    st = run_device(graphdef, params, step, opts, fresh())
     st.n_out.block_until_ready()
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(3):
+    for _ in range(reps):
         st = fresh()
         t = time.perf_counter()
-        st = run_device(graphdef, params, ar.step, opts, st)
+        st = run_device(graphdef, params, step, opts, st)
         st.n_out.block_until_ready()
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
-    steps = new_tokens - 1  # the first token came from the prefill
-    return {"tokens_per_s": batch * steps / dt, "ms_per_step": 1e3 * dt / steps, "compile_s": compile_s}
+    emitted = int(jnp.sum(jnp.minimum(st.n_out, new_tokens))) - batch  # the first token came from the prefill
+    forwards = int(st.total_passes)
+    rounds = int(jnp.max(st.rounds))
+    return {"mode": mode, "tokens_per_s": emitted / dt, "forwards": forwards, "rounds": rounds,
+            "ms_per_forward": 1e3 * dt / forwards, "ms_per_round": 1e3 * dt / max(rounds, 1),
+            "tokens_per_forward": emitted / batch / forwards,
+            "compile_s": compile_s}
 
 
-def bench_size(name: str, args) -> dict:
+def bench_size(name: str, args, save=lambda res: None) -> dict:
     cfg = PRESETS[name]
     t = time.perf_counter()
     model = make_model(cfg)
     jax.block_until_ready(nnx.state(model))
     res = {"size": name, "init_s": time.perf_counter() - t, "weight_bytes": weight_bytes_per_forward(cfg),
-           "forward": [], "e2e_ar": []}
+           "forward": [], "e2e": []}
     bw = args.bandwidth
     for ctx, impl in ((c, i) for i in args.attn for c in args.contexts):
         row = {"context": ctx, "attn": impl}
@@ -200,13 +213,17 @@ def bench_size(name: str, args) -> dict:
         row["t32_over_t1"] = row["t32_causal_ms"] / row["t1_ms"]
         row["linear_spec_round_in_ar_forwards"] = (row["t32_bidir_ms"] + row["t32_causal_ms"]) / row["t1_ms"]
         res["forward"].append(row)
+        save(res)
         print(json.dumps({name: row}), flush=True)
-    for b, impl in ((b, i) for i in args.attn for b in args.batches):
-        r = bench_ar_e2e(model, cfg, b, args.prompt_len, args.new_tokens, attn_impl=_resolve(impl, cfg))
+    for mode, b, impl in ((m, b, i) for i in args.attn for m in args.modes for b in args.batches):
+        new = args.new_tokens if mode == "ar" else args.mode_new_tokens
+        r = bench_e2e(model, cfg, b, args.prompt_len, new, mode=mode, attn_impl=_resolve(impl, cfg))
         r["batch"], r["attn"] = b, impl
-        floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + args.new_tokens + 64)) / _tp() / bw
-        r["roofline_pct"] = 100 * floor / (r["ms_per_step"] / 1e3)
-        res["e2e_ar"].append(r)
+        if mode == "ar":
+            floor = (res["weight_bytes"] + kv_bytes(cfg, b, args.prompt_len + new + 64)) / _tp() / bw
+            r["roofline_pct"] = 100 * floor / (r["ms_per_forward"] / 1e3)
+        res["e2e"].append(r)
+        save(res)
         print(json.dumps({name: r}), flush=True)
     del model
     return res
@@ -240,10 +257,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | {r['t1_roofline_pct']:.0f}% | "
                          f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "
                          f"{r['linear_spec_round_in_ar_forwards']:.2f} |")
-        lines += ["", "| attn | batch | AR tok/s | ms/step | % roofline | compile s |", "|---|---|---|---|---|---|"]
-        for r in s["e2e_ar"]:
-            lines.append(f"| {r['attn']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
-                         f"{r['roofline_pct']:.0f}% | {r['compile_s']:.1f} |")
+        lines += ["", "| mode | attn | batch | tok/s | ms/forward | forwards | tokens/forward | % roofline | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in s["e2e"]:
+            roof = f"{r['roofline_pct']:.0f}%" if "roofline_pct" in r else ""
+            lines.append(f"| {r['mode']} | {r['attn']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                         f"{r['ms_per_forward']:.2f} | {r['forwards']} | {r['tokens_per_forward']:.2f} | {roof} | "
+                         f"{r['compile_s']:.1f} |")
         lines.append("")
     if report.get("embedded"):
         lines += ["**Embedded model** (batch 1, 128 new tokens, bf16)", "",
@@ -263,6 +283,10 @@ def main(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--modes", nargs="+", default=["ar", "diffusion", "linear_spec"],
+                   choices=["ar", "diffusion", "linear_spec"], help="decoding modes timed end to end")
+    p.add_argument("--mode-new-tokens", type=int, default=64,
+                   help="new tokens per row for diffusion / linear_spec (32-token forwards: costlier)")
     p.add_argument("--embedded", action="store_true", help="also run the embedded model per mode")
     p.add_argument("--attn", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
                    help="attention implementations to time (nemodiff_jax.attention.chunk_attention impl)")
@@ -278,13 +302,22 @@ def main(argv=None):
     args.bandwidth = copy_bandwidth(2 << 30 if dev.platform == "gpu" else 64 << 20)
     report = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "host": platform.node(),
-              "bandwidth_GBps": args.bandwidth / 1e9, "mesh": args.mesh, "sizes": []}
+              "bandwidth_GBps": args.bandwidth / 1e9, "mesh": args.mesh, "devices": jax.device_count(),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "sizes": []}
     print(json.dumps({"bandwidth_GBps": report["bandwidth_GBps"], "device": report["device"]}), flush=True)
+    out = Path(args.out)
+
+    def save(res=None):  # rewritten after every measurement: a run cut short keeps what it measured
+        sizes = report["sizes"] + ([res] if res is not None else [])
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**report, "sizes": sizes}, indent=2))
+        tmp.replace(out)
+
     for name in args.sizes:
-        report["sizes"].append(bench_size(name, args))
+        report["sizes"].append(bench_size(name, args, save))
     if args.embedded:
         report["embedded"] = bench_embedded(args)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    save()
     md = markdown(report)
     if args.md:
         Path(args.md).write_text(md)

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurement, for an nvidia-h100-x2 (or -x4) machine: the 14B shape on one GPU and tensor
-# parallel over all GPUs, in the same call so the ratio compares like with like. Results go to $OUT.
-#   run: source scripts/gpu_setup.sh; bash scripts/bench_tp.sh      (carry .whl)
+# Issue 7's GPU measurement: the 14B shape (random bf16 weights) on 1 GPU and tensor parallel over N GPUs of
+# one host, each in its own process on the same machine, so the ratios compare like with like.
+#   run: source scripts/gpu_setup.sh; bash scripts/bench_tp.sh "1 2 4"      (carry .whl)
+# Per GPU count n: $OUT/tp$n$TAG.json (rewritten after every measurement) and $OUT/tp$n$TAG.log.
+# BENCH_ARGS adds bench.py options (e.g. "--modes ar --batches 1"); TAG names a variant (e.g. a flag set).
 set -u
-n=$(python3 -c 'import jax; print(jax.device_count())')
-common="--sizes 14B --contexts 1024 4096 --batches 1 32 --new-tokens 128"
-CUDA_VISIBLE_DEVICES=0 timeout 240 python3 scripts/bench.py $common --out "$OUT/tp1.json" --md "$OUT/tp1.md" > "$OUT/tp1.log" 2>&1
-timeout 300 python3 scripts/bench.py $common --mesh 1 "$n" --out "$OUT/tp$n.json" --md "$OUT/tp$n.md" > "$OUT/tp$n.log" 2>&1
-cat "$OUT/tp1.md" "$OUT/tp$n.md"
+counts=${1:-"1 $(python3 -c 'import jax; print(jax.device_count())')"}
+common="--sizes 14B --contexts 1024 --batches 1 32 --new-tokens 128 --mode-new-tokens 64"
+tag=${TAG:-}
+for n in $counts; do
+  mesh=""
+  [ "$n" -gt 1 ] && mesh="--mesh 1 $n"
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${TP_TIMEOUT:-290}" python3 scripts/bench.py $common $mesh \
+    ${BENCH_ARGS:-} --out "$OUT/tp$n$tag.json" > "$OUT/tp$n$tag.log" 2>&1
+  echo "== $n GPU(s) $tag: exit $?"
+  sed -n '/^Card:/,$p' "$OUT/tp$n$tag.log" | grep -v '^$' || tail -5 "$OUT/tp$n$tag.log"
+done

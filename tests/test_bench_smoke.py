@@ -4,20 +4,35 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import bench  # noqa: E402
 
 
-def test_bench_tiny_writes_report(tmp_path):
+@pytest.mark.parametrize("mesh", [None, ("1", "2")])
+def test_bench_tiny_writes_report(tmp_path, mesh):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
-    bench.main(["--sizes", "tiny", "--contexts", "64", "--batches", "1", "--new-tokens", "8", "--prompt-len", "16",
-                "--attn", "xla", "--out", str(out), "--md", str(md)])
+    argv = ["--sizes", "tiny", "--contexts", "64", "--batches", "1", "2", "--new-tokens", "8", "--prompt-len", "16",
+            "--mode-new-tokens", "12", "--attn", "xla", "--out", str(out), "--md", str(md)]
+    try:
+        bench.main(argv + (["--mesh", *mesh] if mesh else []))
+    finally:
+        bench.MESH = None
     report = json.loads(out.read_text())
+    assert report["mesh"] == ([int(m) for m in mesh] if mesh else None)
     size = report["sizes"][0]
     assert size["size"] == "tiny" and size["weight_bytes"] > 0
     fwd = size["forward"][0]
     assert fwd["context"] == 64 and all(fwd[k] > 0 for k in ("t1_ms", "t32_causal_ms", "t32_bidir_ms"))
-    e2e = size["e2e_ar"][0]
-    assert e2e["batch"] == 1 and e2e["tokens_per_s"] > 0
-    assert "| xla | 64 |" in md.read_text()
+    rows = {(r["mode"], r["batch"]): r for r in size["e2e"]}
+    assert set(rows) == {(m, b) for m in ("ar", "diffusion", "linear_spec") for b in (1, 2)}
+    for (mode, b), r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["forwards"] > 0
+        if mode == "ar":  # one token per forward, 7 decode steps after the prefill's token
+            assert r["forwards"] == 7 and r["tokens_per_forward"] == 1.0
+        if mode == "linear_spec":  # a draft and a verify pass per round
+            assert r["forwards"] == 2 * r["rounds"]
+    text = md.read_text()
+    assert "| ar | xla | 1 |" in text and "| linear_spec | xla | 2 |" in text
