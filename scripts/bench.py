@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -187,10 +188,12 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     dt = statistics.median(times)
     emitted = int(jnp.sum(jnp.minimum(st.n_out, new_tokens))) - batch  # the first token came from the prefill
     forwards = int(st.total_passes)
+    tokens = np.asarray(st.out)[:, :new_tokens]
     rounds = int(jnp.max(st.rounds))
     return {"mode": mode, "tokens_per_s": emitted / dt, "forwards": forwards, "rounds": rounds,
             "ms_per_forward": 1e3 * dt / forwards, "ms_per_round": 1e3 * dt / max(rounds, 1),
             "tokens_per_forward": emitted / batch / forwards,
+            "tokens_crc32": zlib.crc32(tokens.astype(np.int32).tobytes()),  # same tokens across runs/meshes?
             "compile_s": compile_s}
 
 
@@ -279,7 +282,7 @@ def markdown(report: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["8B"], choices=sorted(PRESETS))
-    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384])
+    p.add_argument("--contexts", nargs="*", type=int, default=[1024, 4096, 16384])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
