@@ -1,0 +1,113 @@
+"""Per-kernel device time of n forwards (random weights), from a jax.profiler trace read back in-process.
+
+    python scripts/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt
+
+Prints the busiest GPU ops per device (total us per forward, count per forward) and the step time, so a
+forward's time can be split into GEMV / attention / collectives / small kernels without external tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+import bench  # noqa: E402
+from nemodiff_jax.config import PRESETS  # noqa: E402
+from nemodiff_jax.sharding import make_mesh  # noqa: E402
+
+
+def _table(events, n_forwards: int, top: int, title: str) -> list[str]:
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for name, dur in events:
+        per[name][0] += dur / 1e3
+        per[name][1] += 1
+    total = sum(us for us, _ in per.values())
+    out = [f"   -- {title}: {total / n_forwards:.0f} us/forward, {sum(c for _, c in per.values()) / n_forwards:.0f} events/forward"]
+    for name, (us, cnt) in sorted(per.items(), key=lambda kv: -kv[1][0])[:top]:
+        out.append(f"   {us / n_forwards:9.1f} us  x{cnt / n_forwards:6.1f}  {name[:120]}")
+    return out
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    for key, subs in (("collective", ("all-reduce", "all_reduce", "allreduce", "all-gather", "nccl", "collective",
+                                      "reduce-scatter")),
+                      ("attention", ("mosaic", "pallas", "attention")),
+                      ("gemm", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot", "triton"))):
+        if any(s in low for s in subs):
+            return key
+    return "other"
+
+
+def summarize(xspace_path: str, n_forwards: int, top: int) -> str:
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    lines = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        ops, kernels, modules = [], [], []
+        for line in plane.lines:
+            evs = [(ev.name, ev.duration_ns) for ev in line.events]
+            if line.name == "XLA Ops":
+                ops += evs
+            elif line.name == "XLA Modules":
+                modules += evs
+            elif "stream" in line.name.lower():
+                kernels += evs
+        if not (ops or kernels):
+            continue
+        lines.append(f"== {plane.name}")
+        if modules:
+            lines.append("   modules: " + "; ".join(f"{n[:60]} {d / 1e3:.0f} us" for n, d in modules[-3:]))
+        kinds = collections.defaultdict(float)
+        for name, dur in kernels:
+            kinds[_kind(name)] += dur / 1e3
+        lines.append("   kernels by kind (us/forward): " + ", ".join(f"{k} {v / n_forwards:.0f}" for k, v in sorted(kinds.items())))
+        if plane.name.endswith(":0") or plane.name.endswith("GPU:0"):
+            lines += _table(ops, n_forwards, top, "XLA ops")
+            lines += _table(kernels, n_forwards, top, "kernels")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="14B", choices=sorted(PRESETS))
+    p.add_argument("--mesh", nargs=2, type=int, default=None)
+    p.add_argument("--t", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--attn", default="auto")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.mesh:
+        bench.MESH = make_mesh(*a.mesh)
+    cfg = PRESETS[a.size]
+    model = bench.make_model(cfg)
+    n = 16
+    dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t = time.perf_counter()
+            bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n)
+        # bench_forward ran 2 warmups + 5 timed loops of n forwards inside the trace
+        path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+        text = (f"{a.size} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
+                f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, 7 * n, a.top))
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
