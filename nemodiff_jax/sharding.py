@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 RULES: dict[str, str | None] = {
     "vocab": "model",
+    "vocab_table": None,  # the (untied) embedding table: replicated, lookups stay local (model.py)
     "embed": None,
     "q_heads": "model",
     "kv_heads": "model",

@@ -80,3 +80,39 @@ def test_attention_kernel_partitioning_under_shard_map(shape, reference):
         assert got == reference[mode], f"mesh {shape} mode {mode}"
     # kv heads that do not split over "model" fall back to the partitioner-split XLA path
     assert sharded_attention_impl(CFG, make_mesh(1, 8), reference=True) == "xla"
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform")
+@pytest.mark.parametrize("tied", [False, True])
+def test_tensor_parallel_forward_collectives(tied):
+    """A TP decode forward costs two hidden-sized all-reduces per layer and nothing that scales with a weight:
+    the untied embedding table is replicated, so the lookup is local (split over vocab, the GPU partitioner
+    all-gathered the whole table every forward). A tied table stays split: it is the head as well."""
+    import dataclasses
+    import re
+
+    from nemodiff_jax.cache import KVCache
+    from nemodiff_jax.sharding import cache_sharding, shard_model
+
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    mesh = make_mesh(1, 2)
+    model = shard_model(Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16), mesh)
+    table = param_shardings(model, mesh)[("embed_tokens",)].spec
+    assert table == (jax.sharding.PartitionSpec("model", None) if tied else jax.sharding.PartitionSpec(None, None))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def fwd(params, tokens, cache):
+        m = nnx.merge(graphdef, params)
+        return m(tokens, cache.lengths[:, None], cache, causal=True, attn_impl="xla")[0][:, -1].argmax(-1)
+
+    cache = KVCache.init(cfg, 1, 64, jnp.bfloat16, lengths=jnp.full((1,), 8, jnp.int32),
+                         sharding=cache_sharding(cfg, 1, mesh))
+    hlo = fwd.lower(params, jnp.ones((1, 1), jnp.int32), cache).compile().as_text()
+    collectives = re.findall(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)
+    hidden = [c for c in collectives if c[1] == "all-reduce" and f",{cfg.hidden_size}]" in c[0]]
+    assert len(hidden) == 2 * cfg.num_layers + (1 if tied else 0), collectives
+    # the rest are the argmax's per-shard winners: never anything the size of a weight or a logits row
+    for shape, _ in collectives:
+        dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])[1:]]
+        assert max(dims) <= max(cfg.hidden_size, 2), collectives
