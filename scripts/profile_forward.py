@@ -42,7 +42,7 @@ def _kind(name: str) -> str:
     for key, subs in (("collective", ("all-reduce", "all_reduce", "allreduce", "all-gather", "nccl", "collective",
                                       "reduce-scatter")),
                       ("attention", ("mosaic", "pallas", "attention")),
-                      ("gemm", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot", "triton"))):
+                      ("gemm", ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "dot", "triton"))):
         if any(s in low for s in subs):
             return key
     return "other"
