@@ -234,11 +234,9 @@ def run_batch_job(args) -> int:
 
     if getattr(args, "distributed", False):
         jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
-    mesh = None
-    if args.data_parallel and len(jax.local_devices()) > 1:
-        from nemodiff_jax.sharding import make_mesh
+    from nemodiff_jax.cli import mesh_from_args
 
-        mesh = make_mesh(data=len(jax.devices()), model=1)
+    mesh = mesh_from_args(getattr(args, "tensor_parallel_size", 1), args.data_parallel)
     gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
     in_path, out_path = Path(args.input), Path(args.output)
     if not in_path.exists():

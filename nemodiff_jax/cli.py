@@ -47,7 +47,8 @@ def _mode_options(args) -> dict:
 def cmd_generate(args) -> int:
     from nemodiff_jax.generate import load
 
-    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False)
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False,
+               mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
         if gen.tokenizer is None:
@@ -117,6 +118,22 @@ def cmd_demo(args) -> int:
     return 0 if ls_tokens == ar_tokens else 1
 
 
+def mesh_from_args(tensor_parallel: int, data_parallel: bool):
+    """None (one device), or a ("data", "model") mesh: `tensor_parallel` devices per model replica and, with
+    `data_parallel`, as many replicas as the remaining devices allow (rows split over them)."""
+    import jax
+
+    n = len(jax.devices())
+    if tensor_parallel < 1 or n % tensor_parallel:
+        raise ValueError(f"--tensor-parallel-size {tensor_parallel} must be >= 1 and divide the {n} devices")
+    data = n // tensor_parallel if data_parallel else 1
+    if data * tensor_parallel == 1:
+        return None
+    from nemodiff_jax.sharding import make_mesh
+
+    return make_mesh(data=data, model=tensor_parallel)
+
+
 def cmd_batch(args) -> int:
     from nemodiff_jax.batch import run_batch_job
 
@@ -149,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diffusion unmask threshold (default 0.9); linear_spec draft threshold (default 0)")
         q.add_argument("--policy", choices=("threshold", "low_confidence", "leftmost"), default=None)
         q.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
+        q.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="split each model replica over N devices (heads, MLP, vocab; e.g. 14B over 2 or 4 GPUs)")
 
     g = sub.add_parser("generate", help="generate for one prompt, streaming text, then print stats")
     sampling_args(g)
@@ -169,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--input", required=True)
     bt.add_argument("--output", required=True)
     bt.add_argument("--batch-size", type=int, default=8)
-    bt.add_argument("--data-parallel", action="store_true", help="shard the batch rows over all devices")
+    bt.add_argument("--data-parallel", action="store_true", help="split the batch rows over model replicas: all devices, or all / --tensor-parallel-size")
     bt.add_argument("--max-prompt-tokens", type=int, default=1024,
                     help="longest prompt accepted; longer lines are reported and skipped")
     bt.add_argument("--max-new-tokens-cap", type=int, default=None,

@@ -122,8 +122,11 @@ def test_missing_input_is_a_clear_error(model_dir, tmp_path, capsys):
     assert "input file not found" in capsys.readouterr().err
 
 
-def test_data_parallel_job_matches(model_dir, tmp_path):
-    """Rows sharded over the 8 fake CPU devices give the same results as one device."""
+@pytest.mark.parametrize("flags", [("--data-parallel",), ("--tensor-parallel-size", "2"),
+                                   ("--tensor-parallel-size", "2", "--data-parallel")])
+def test_parallel_job_matches(model_dir, tmp_path, flags):
+    """Rows over the 8 fake CPU devices (data parallel), the model over 2 of them (tensor parallel), or both
+    (a (4, 2) mesh) give the same results as one device."""
     import jax
 
     if len(jax.devices()) < 8:
@@ -132,5 +135,20 @@ def test_data_parallel_job_matches(model_dir, tmp_path):
     write_input(inp, with_bad=False)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     assert run_job(model_dir, inp, a) == 0
-    assert run_job(model_dir, inp, b, "--data-parallel") == 0
+    assert run_job(model_dir, inp, b, *flags) == 0
     assert sorted((r["id"], r["tokens"]) for r in read_out(a)) == sorted((r["id"], r["tokens"]) for r in read_out(b))
+
+
+def test_mesh_from_flags(capsys, model_dir, tmp_path):
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs the 8-device CPU platform")
+    assert cli.mesh_from_args(1, False) is None
+    assert dict(cli.mesh_from_args(2, True).shape) == {"data": 4, "model": 2}
+    assert dict(cli.mesh_from_args(4, False).shape) == {"data": 1, "model": 4}
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, with_bad=False)
+    assert run_job(model_dir, inp, tmp_path / "o.jsonl", "--tensor-parallel-size", "3") == 2
+    assert "--tensor-parallel-size 3 must be >= 1 and divide the 8 devices" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()

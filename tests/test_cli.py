@@ -39,6 +39,19 @@ def test_generate_reads_stdin_and_matches_api(model_dir, capsys, monkeypatch):
     assert out.rstrip("\n") == want
 
 
+def test_generate_tensor_parallel_matches_one_device(model_dir, capsys):
+    import jax
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs the fake multi-device CPU platform")
+    text = []
+    for extra in ([], ["--tensor-parallel-size", "2"]):
+        assert cli.main(["generate", "--model", str(model_dir), "--dtype", "float32", "--mode", "linear_spec",
+                         "--prompt", "To be, or not", "--max-new-tokens", "10", *extra]) == 0
+        text.append(capsys.readouterr().out)
+    assert text[0] == text[1] and text[0].strip()
+
+
 def test_convert_to_orbax_and_hf(model_dir, tmp_path, capsys):
     import nemodiff_jax
     import numpy as np
