@@ -1,9 +1,10 @@
 """Per-kernel device time of n forwards (random weights), from a jax.profiler trace read back in-process.
 
-    python scripts/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt
+    python scripts/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt --hlo-out $OUT/tp2.hlo
 
 Prints the busiest GPU ops per device (total us per forward, count per forward) and the step time, so a
 forward's time can be split into GEMV / attention / collectives / small kernels without external tools.
+`--hlo-out` also saves the forward loop's optimized HLO, which names every fusion the kernel table lists.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import collections
 import glob
 import os
 import sys
+import shutil
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+DUMP_DIR = None
+if "--hlo-out" in sys.argv:  # XLA reads its flags once, when the backend starts: set the dump before jax loads
+    DUMP_DIR = tempfile.mkdtemp(prefix="xla_dump_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR}"
+                               " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*loop.*").strip()
 
 import jax  # noqa: E402
 
@@ -88,6 +95,7 @@ def main():
     p.add_argument("--attn", default="auto")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
+    p.add_argument("--hlo-out", default=None, help="write the forward loop's optimized HLO text here")
     a = p.parse_args()
     if a.mesh:
         bench.MESH = make_mesh(*a.mesh)
@@ -97,13 +105,17 @@ def main():
     dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            t = time.perf_counter()
             bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n)
         # bench_forward ran 2 warmups + 5 timed loops of n forwards inside the trace
         path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
         text = (f"{a.size} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
                 f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, 7 * n, a.top))
     print(text)
+    if a.hlo_out:
+        dumps = glob.glob(os.path.join(DUMP_DIR, "*loop*after_optimizations.txt"))
+        if not dumps:
+            raise SystemExit(f"no optimized HLO of the forward loop in {DUMP_DIR}")
+        shutil.copyfile(max(dumps, key=os.path.getsize), a.hlo_out)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
