@@ -253,9 +253,10 @@ def markdown(report: dict) -> str:
     lines = [f"Card: {report['device']}; JAX {report['jax']}; {report['date']}; copy bandwidth "
              f"{report['bandwidth_GBps']:.0f} GB/s (read+write).", ""]
     for s in report["sizes"]:
-        lines += [f"**{s['size']}** (random bf16 weights, {s['weight_bytes'] / 1e9:.2f} GB streamed per forward)",
-                  "", "| attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | T=32 bidir ms | "
-                  "linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{s['size']}** (random bf16 weights, {s['weight_bytes'] / 1e9:.2f} GB streamed per forward)"]
+        if s["forward"]:
+            lines += ["", "| attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | "
+                      "T=32 bidir ms | linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in s["forward"]:
             lines.append(f"| {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | {r['t1_roofline_pct']:.0f}% | "
                          f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
 
 
-@pytest.mark.parametrize("mesh", [None, ("1", "2")])
+@pytest.mark.parametrize("mesh", [None, ("1", "2"), ("2", "1")])
 def test_bench_tiny_writes_report(tmp_path, mesh):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     argv = ["--sizes", "tiny", "--contexts", "64", "--batches", "1", "2", "--new-tokens", "8", "--prompt-len", "16",
