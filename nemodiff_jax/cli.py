@@ -119,11 +119,13 @@ def cmd_demo(args) -> int:
 
 
 def mesh_from_args(tensor_parallel: int, data_parallel: bool):
-    """None (one device), or a ("data", "model") mesh: `tensor_parallel` devices per model replica and, with
-    `data_parallel`, as many replicas as the remaining devices allow (rows split over them)."""
+    """None (one device), or a ("data", "model") mesh over this process's devices: `tensor_parallel` devices
+    per model replica and, with `data_parallel`, as many replicas as the remaining devices allow (rows split
+    over them). Local devices only: under `--distributed` every process runs its own share of the requests."""
     import jax
 
-    n = len(jax.devices())
+    devices = jax.local_devices()
+    n = len(devices)
     if tensor_parallel < 1 or n % tensor_parallel:
         raise ValueError(f"--tensor-parallel-size {tensor_parallel} must be >= 1 and divide the {n} devices")
     data = n // tensor_parallel if data_parallel else 1
@@ -131,7 +133,7 @@ def mesh_from_args(tensor_parallel: int, data_parallel: bool):
         return None
     from nemodiff_jax.sharding import make_mesh
 
-    return make_mesh(data=data, model=tensor_parallel)
+    return make_mesh(data=data, model=tensor_parallel, devices=devices)
 
 
 def cmd_batch(args) -> int:
@@ -188,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--input", required=True)
     bt.add_argument("--output", required=True)
     bt.add_argument("--batch-size", type=int, default=8)
-    bt.add_argument("--data-parallel", action="store_true", help="split the batch rows over model replicas: all devices, or all / --tensor-parallel-size")
+    bt.add_argument("--data-parallel", action="store_true",
+                    help="split the batch rows over model replicas: one per device, or per --tensor-parallel-size")
     bt.add_argument("--max-prompt-tokens", type=int, default=1024,
                     help="longest prompt accepted; longer lines are reported and skipped")
     bt.add_argument("--max-new-tokens-cap", type=int, default=None,

@@ -1,3 +1,6 @@
+#!/usr/bin/env bash
+# XLA flag variants for the 14B TP=2 AR step (docs/PERFORMANCE.md, "XLA flags tried"), on a GPU machine with
+# >= 2 GPUs, .whl carried:  bash scripts/tp_flag_variants.sh   (every variant stays NVLink-multicast free)
 source scripts/gpu_setup.sh >/dev/null
 CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL,COLLECTIVES --xla_gpu_graph_min_graph_size=1"
 CK="--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE"
