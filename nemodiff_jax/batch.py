@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 
 from nemodiff_jax.decoding import ar
 from nemodiff_jax.decoding.common import Options, State, forward, initial_state
-from nemodiff_jax.generate import (MODE_OPTIONS, MODES, Generator, _bucket, _prefill_fn, _round_up, row_stats,
-                                   row_tokens)
+from nemodiff_jax.generate import MODE_OPTIONS, MODES, Generator, _bucket, _prefill_fn, _round_up
 from nemodiff_jax.sampling import Sampling
 
 REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed"}
@@ -213,10 +212,8 @@ class Engine:
         now = time.perf_counter()
         for i, r in enumerate(self.slots):
             if r is not None and bool(host.done[i]):
-                toks = row_tokens(host, self.opts, i)
-                stats = row_stats(host, self.opts, i, len(toks), now - self.started[i])
-                text = g.tokenizer.decode(toks) if g.tokenizer is not None else None
-                finished.append((r, {"id": r.id, "text": text, "tokens": toks, "stats": stats}))
+                res = g.row_result(host, self.opts, i, now - self.started[i])
+                finished.append((r, {"id": r.id, "text": res.text, "tokens": res.tokens, "stats": res.stats}))
                 self.slots[i] = None
         return finished
 

@@ -85,12 +85,7 @@ class Generator:
         return shd.cache_sharding(self.config, batch, self.mesh)
 
     def make_options(self, mode: str, options: dict, stop_ids: tuple[int, ...]) -> Options:
-        """Static decoding options from a mode's (validated) options merged over MODE_OPTIONS defaults."""
-        o = {**MODE_OPTIONS[mode], **options}
-        cfg = self.config
-        return Options(mode=mode, stop_ids=stop_ids, block=o.get("block_size") or cfg.block_size,
-                       policy=o.get("policy", "threshold"), threshold=float(o.get("threshold", 0.0)),
-                       steps=o.get("steps"), mask_id=cfg.mask_token_id, attn_impl=self.attn_impl)
+        return decoding_options(self.config, mode, options, stop_ids, self.attn_impl)
 
     def attach_drafter(self, path_or_lora) -> None:
         """Attaches the linear-spec drafter LoRA (a PEFT directory or a LoRA); used by default in drafts."""
@@ -269,6 +264,14 @@ class Generator:
             r.stats["batch_forward_passes"] = int(st.total_passes) + 1
             r.stats["batch_tokens_per_s"] = total / wall if wall > 0 else float("nan")
         return results
+
+
+def decoding_options(cfg: Config, mode: str, options: dict, stop_ids: tuple[int, ...], attn_impl="auto") -> Options:
+    """Static decoding options from a mode's (validated) options merged over MODE_OPTIONS defaults."""
+    o = {**MODE_OPTIONS[mode], **options}
+    return Options(mode=mode, stop_ids=stop_ids, block=o.get("block_size") or cfg.block_size,
+                   policy=o.get("policy", "threshold"), threshold=float(o.get("threshold", 0.0)),
+                   steps=o.get("steps"), mask_id=cfg.mask_token_id, attn_impl=attn_impl)
 
 
 def sharded_attention_impl(cfg: Config, mesh, reference: bool = False):

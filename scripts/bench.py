@@ -28,8 +28,7 @@ from flax import nnx
 
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
-from nemodiff_jax.decoding import ar
-from nemodiff_jax.decoding.common import Options, initial_state, run_device
+from nemodiff_jax.decoding.common import initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.sharding import cache_sharding, make_mesh, param_shardings
@@ -157,14 +156,12 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     """End-to-end on-device decode loop of one mode (prefill excluded), mode defaults as the Generator's:
     tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
     commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real."""
-    from nemodiff_jax.generate import MODE_OPTIONS, MODES
+    from nemodiff_jax.generate import MODES, _round_up, decoding_options
 
     graphdef, params = nnx.split(model)
-    o = MODE_OPTIONS[mode]
-    opts = Options(mode=mode, stop_ids=(), block=cfg.block_size, policy=o.get("policy", "threshold"),
-                   threshold=float(o.get("threshold", 0.0)), mask_id=cfg.mask_token_id, attn_impl=attn_impl)
+    opts = decoding_options(cfg, mode, {}, (), attn_impl)
     step = MODES[mode].step
-    capacity = -(-(prompt_len + new_tokens + 2 * cfg.block_size + 64) // 128) * 128
+    capacity = _round_up(prompt_len + new_tokens + 2 * cfg.block_size + 64, 128)
 
     def fresh():
         cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, sharding=_cache_sharding(cfg, batch),

@@ -13,8 +13,8 @@ import argparse
 import collections
 import glob
 import os
-import sys
 import shutil
+import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
