@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import gzip
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -55,13 +57,58 @@ def _kind(name: str) -> str:
     return "other"
 
 
+def _family(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
+
+
+def _gaps(kernels, n_forwards: int, top: int) -> list[str]:
+    """Busy (union of kernel intervals) against wall time, and which kernels follow the idle gaps: a GPU that
+    idles before the same op every layer waits for its launch or for a dependency on another stream/device."""
+    kernels = sorted(kernels)
+    if not kernels:
+        return []
+    wall = kernels[-1][1] - kernels[0][0]
+    busy, end = 0, kernels[0][0]
+    after = collections.defaultdict(lambda: [0.0, 0])
+    for start, stop, name in kernels:
+        if start > end:
+            after[_family(name)][0] += (start - end) / 1e3
+            after[_family(name)][1] += 1
+        busy += max(0, stop - max(start, end))
+        end = max(end, stop)
+    out = [f"   busy {busy / 1e3 / n_forwards:.0f} us/forward of {wall / 1e3 / n_forwards:.0f} (first to last "
+           f"kernel); idle gaps before:"]
+    for name, (us, cnt) in sorted(after.items(), key=lambda kv: -kv[1][0])[:top]:
+        out.append(f"   {us / n_forwards:9.1f} us  x{cnt / n_forwards:6.1f}  {name[:120]}")
+    return out
+
+
+def _host(plane, n_forwards: int, top: int) -> list[str]:
+    """Host threads that did work during the traced loops (the launch side of each device)."""
+    out = []
+    for line in plane.lines:
+        per = collections.defaultdict(float)
+        for ev in line.events:
+            per[_family(ev.name)] += ev.duration_ns / 1e3
+        total = sum(per.values())
+        if total / n_forwards < 50:
+            continue
+        out.append(f"   host thread {line.name[:60]}: {total / n_forwards:.0f} us/forward (nested events count twice)")
+        for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"   {us / n_forwards:9.1f} us  {name[:110]}")
+    return out
+
+
 def summarize(xspace_path: str, n_forwards: int, top: int) -> str:
     data = jax.profiler.ProfileData.from_file(xspace_path)
-    lines = []
+    lines, host = [], []
     for plane in data.planes:
+        if plane.name == "/host:CPU":
+            host = _host(plane, n_forwards, 8)
+            continue
         if not plane.name.startswith("/device:GPU"):
             continue
-        ops, kernels, modules = [], [], []
+        ops, kernels, modules, spans = [], [], [], []
         for line in plane.lines:
             evs = [(ev.name, ev.duration_ns) for ev in line.events]
             if line.name == "XLA Ops":
@@ -70,6 +117,7 @@ def summarize(xspace_path: str, n_forwards: int, top: int) -> str:
                 modules += evs
             elif "stream" in line.name.lower():
                 kernels += evs
+                spans += [(ev.start_ns, ev.end_ns, ev.name) for ev in line.events]
         if not (ops or kernels):
             continue
         lines.append(f"== {plane.name}")
@@ -79,10 +127,12 @@ def summarize(xspace_path: str, n_forwards: int, top: int) -> str:
         for name, dur in kernels:
             kinds[_kind(name)] += dur / 1e3
         lines.append("   kernels by kind (us/forward): " + ", ".join(f"{k} {v / n_forwards:.0f}" for k, v in sorted(kinds.items())))
+        lines += _gaps(spans, n_forwards, 6)
         if plane.name.endswith(":0") or plane.name.endswith("GPU:0"):
             lines += _table(ops, n_forwards, top, "XLA ops")
             lines += _table(kernels, n_forwards, top, "kernels")
-    return "\n".join(lines)
+            lines += _table([(_family(n), d) for n, d in kernels], n_forwards, top, "kernels, digits merged")
+    return "\n".join(lines + host)
 
 
 def main():
@@ -96,6 +146,7 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
     p.add_argument("--hlo-out", default=None, help="write the forward loop's optimized HLO text here")
+    p.add_argument("--trace-out", default=None, help="save the trace (xplane.pb, gzipped) here")
     a = p.parse_args()
     if a.mesh:
         bench.MESH = make_mesh(*a.mesh)
@@ -105,11 +156,15 @@ def main():
     dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n)
-        # bench_forward ran 2 warmups + 5 timed loops of n forwards inside the trace
+            bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=bench._resolve(a.attn, cfg), n=n,
+                                warmup=1, iters=2)
+        # bench_forward ran 1 warmup + 2 timed loops of n forwards inside the trace
         path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+        if a.trace_out:
+            with open(path, "rb") as src, gzip.open(a.trace_out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
         text = (f"{a.size} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
-                f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, 7 * n, a.top))
+                f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, 3 * n, a.top))
     print(text)
     if a.hlo_out:
         dumps = glob.glob(os.path.join(DUMP_DIR, "*loop*after_optimizations.txt"))

@@ -36,3 +36,19 @@ def test_bench_tiny_writes_report(tmp_path, mesh):
             assert r["forwards"] == 2 * r["rounds"]
     text = md.read_text()
     assert "| ar | xla | 1 |" in text and "| linear_spec | xla | 2 |" in text
+
+
+def test_tp_variants_compile_options_keep_logits(tmp_path):
+    """scripts/tp_variants.py: every XLA-option variant of the forward loop compiles (the options are valid
+    names for this XLA) and gives the default's summed logits, on 1 and 2 (fake) devices."""
+    import tp_variants
+
+    out = tmp_path / "v.json"
+    try:
+        rows = tp_variants.main(["--size", "tiny", "--tp", "1", "2", "--context", "64", "--out", str(out)])
+    finally:
+        bench.MESH = None
+    got = {(r["tp"], r["variant"]) for r in rows}
+    assert got == {(1, "default"), (1, "no_cmd_buffer")} | {(2, v) for v in tp_variants.VARIANTS}
+    assert all(r["same_logits"] and r["ms_per_forward"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
