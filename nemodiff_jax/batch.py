@@ -29,8 +29,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from nemodiff_jax.decoding import ar
-from nemodiff_jax.decoding.common import Options, State, forward, initial_state
-from nemodiff_jax.generate import MODE_OPTIONS, MODES, Generator, _bucket, _prefill_fn, _round_up
+from nemodiff_jax.decoding.common import Options, State, initial_state, prefill
+from nemodiff_jax.generate import (MODE_OPTIONS, MODES, Generator, _bucket, _prefill_fn, _round_up, buffer_sizes,
+                                   host_rows)
 from nemodiff_jax.sampling import Sampling
 
 REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed"}
@@ -112,17 +113,18 @@ def read_done_ids(path: Path) -> set[str]:
 # ------------------------------------------------------------------ the on-device engine
 
 
-def _merge_rows(mask, new, old):
-    """Row-wise select between two States (fields with a leading batch dim), keys included."""
+ROW_FIELDS = ("out", "n_out", "done", "seed", "keys", "max_new", "passes", "rounds", "work")  # State's [B, ...]
+
+
+def _merge_rows(mask, new: State, old: State) -> dict:
+    """The per-row fields of `new` where `mask` is set, else of `old` (PRNG keys included)."""
     def pick(a, b):
-        if not hasattr(a, "ndim") or a.ndim == 0:
-            return b
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(pick(jax.random.key_data(a), jax.random.key_data(b)))
         m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
         return jnp.where(m, a, b)
 
-    return jax.tree.map(pick, new, old)
+    return {f: pick(getattr(new, f), getattr(old, f)) for f in ROW_FIELDS}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
@@ -131,15 +133,14 @@ def _refill_fn(graphdef, params, st: State, refill, prompt, lens, keys, max_new,
     model = nnx.merge(graphdef, params)
     cache = st.cache.crop(jnp.where(refill, 0, st.cache.lengths))
     # Rows not refilled also run this forward, at their own lengths, where length + prompt width can pass
-    # the capacity: their writes are dropped and their logits unused. The XLA attention path handles that;
-    # the Pallas kernel assumes length + T <= capacity, so the refill prefill always uses XLA.
-    logits, cache = forward(model, prompt, cache, causal=True, opts=dataclasses.replace(opts, attn_impl="xla"))
-    cache = cache.advance(jnp.where(refill, lens, 0))
-    last = jnp.take_along_axis(logits, jnp.maximum(lens - 1, 0)[:, None, None], axis=1)[:, 0]
+    # the capacity: their writes are dropped, their cache is not advanced and their logits are unused. The
+    # XLA attention path handles that; the Pallas kernel assumes length + T <= capacity, so the refill
+    # prefill always uses XLA.
+    last, cache = prefill(model, prompt, jnp.where(refill, lens, 0), cache,
+                          dataclasses.replace(opts, attn_impl="xla"))
     first = ar.first_token(last, cache, keys, st.sampling)
     new = initial_state(cache, st.out.shape[1], keys, max_new, st.sampling, st.lora, first, opts)
-    merged = _merge_rows(refill, dataclasses.replace(new, cache=st.cache), dataclasses.replace(st, cache=st.cache))
-    return dataclasses.replace(merged, cache=cache, total_passes=st.total_passes + 1)
+    return dataclasses.replace(st, cache=cache, total_passes=st.total_passes + 1, **_merge_rows(refill, new, st))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
@@ -162,10 +163,7 @@ class Engine:
         if mode == "linear_spec":
             options.pop("threshold", None)
         self.opts = gen.make_options(mode, options, gen.config.eos_token_ids)
-        block = self.opts.block
-        self.p_pad = _bucket(max_prompt)
-        self.capacity = _round_up(self.p_pad + max_new + 2 * block, 128)
-        self.out_len = _round_up(max_new + block, 64)
+        self.capacity, self.out_len = buffer_sizes(max_prompt, max_new, self.opts.block)
         self.sampling = Sampling.make(temperature, top_k, top_p)
         self.lora = gen.drafter if mode == "linear_spec" else None
         self.st: State | None = None
@@ -173,17 +171,10 @@ class Engine:
         self.started = [0.0] * batch
 
     def _inputs(self, reqs: dict[int, Request]):
-        b = self.batch
-        width = _bucket(max(len(r.ids) for r in reqs.values()))
-        prompt = np.zeros((b, width), np.int32)
-        lens = np.ones((b,), np.int32)
-        seeds = np.zeros((b,), np.uint32)
-        max_new = np.ones((b,), np.int32)
-        for i, r in reqs.items():
-            prompt[i, :len(r.ids)] = r.ids
-            lens[i], seeds[i], max_new[i] = len(r.ids), r.seed, r.max_new_tokens
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-        return self.gen.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys, jnp.asarray(max_new))
+        """Placed inputs for all B rows; rows not in `reqs` get a 1-token zero prompt (their results unused)."""
+        rows = [reqs.get(i) for i in range(self.batch)]
+        return self.gen.prompt_rows([r.ids if r else [0] for r in rows], _bucket(max(len(r.ids) for r in reqs.values())),
+                                    [r.seed if r else 0 for r in rows], [r.max_new_tokens if r else 1 for r in rows])
 
     def fill(self, reqs: dict[int, Request]) -> None:
         now = time.perf_counter()
@@ -207,7 +198,7 @@ class Engine:
         g = self.gen
         with jax.default_matmul_precision(g._precision):
             self.st = _segment_fn(g._graphdef, g._params, MODES[self.mode].step, self.opts, self.st)
-        host = jax.device_get(self.st)
+        host = host_rows(self.st)
         finished = []
         now = time.perf_counter()
         for i, r in enumerate(self.slots):
@@ -226,14 +217,12 @@ class Engine:
 
 def run_batch_job(args) -> int:
     """The `nemodiff batch` command (see cli.py for the flags)."""
-    from nemodiff_jax.cli import default_model
+    from nemodiff_jax.cli import default_model, mesh_from_args
     from nemodiff_jax.generate import load
 
-    if getattr(args, "distributed", False):
+    if args.distributed:
         jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
-    from nemodiff_jax.cli import mesh_from_args
-
-    mesh = mesh_from_args(getattr(args, "tensor_parallel_size", 1), args.data_parallel)
+    mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
     gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
     in_path, out_path = Path(args.input), Path(args.output)
     if not in_path.exists():
@@ -305,14 +294,9 @@ class _Defaults:
 
 
 def argparse_defaults(args, gen: Generator) -> _Defaults:
-    opts = {}
-    if args.block_size is not None:
-        opts["block_size"] = args.block_size
-    if args.threshold is not None:
-        opts["threshold"] = args.threshold
-    if args.policy is not None:
-        opts["policy"] = args.policy
-    cap = max(args.max_new_tokens, getattr(args, "max_new_tokens_cap", None) or args.max_new_tokens)
+    from nemodiff_jax.cli import flag_mode_options
+
+    cap = max(args.max_new_tokens, args.max_new_tokens_cap or args.max_new_tokens)
     return _Defaults(mode=args.mode, max_new_tokens=args.max_new_tokens, max_new_tokens_cap=cap,
                      temperature=args.temperature, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
-                     mode_options=opts)
+                     mode_options=flag_mode_options(args))

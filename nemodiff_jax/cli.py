@@ -33,14 +33,18 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def flag_mode_options(args) -> dict:
+    """The mode options given as flags (--block-size, --threshold, --policy), whatever the mode."""
+    flags = {"block_size": args.block_size, "threshold": args.threshold, "policy": args.policy}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def _mode_options(args) -> dict:
-    opts = {}
-    if args.block_size is not None and args.mode != "ar":
-        opts["block_size"] = args.block_size
-    if args.threshold is not None and args.mode != "ar":
-        opts["threshold"] = args.threshold
-    if args.policy is not None:
-        opts["policy"] = args.policy
+    """The flag options for --mode; AR ignores block size and threshold (a --policy for AR stays an error)."""
+    opts = flag_mode_options(args)
+    if args.mode == "ar":
+        opts.pop("block_size", None)
+        opts.pop("threshold", None)
     return opts
 
 

@@ -147,6 +147,16 @@ class Generator:
             out.append(ids)
         return out
 
+    def prompt_rows(self, ids: list[list[int]], width: int, seeds, max_new):
+        """Placed per-row inputs: prompts right-padded to [B, width], their lengths, PRNG keys from `seeds`,
+        and each row's budget of new tokens."""
+        prompt = np.zeros((len(ids), width), np.int32)
+        for i, p in enumerate(ids):
+            prompt[i, :len(p)] = p
+        lens = np.array([len(p) for p in ids], np.int32)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        return self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys, jnp.asarray(max_new, jnp.int32))
+
     def _prepare(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
                  mode_options):
         if mode not in MODES:
@@ -186,17 +196,9 @@ class Generator:
             raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
         seeds = seeds + [seeds[0]] * (b - len(seeds))
         opts = self.make_options(mode, o, stops)
-        p_pad = _bucket(longest)
-        capacity = _round_up(p_pad + max_new_tokens + 2 * block, 128)
-        out_len = _round_up(max_new_tokens + block, 64)
-        prompt = np.zeros((b, p_pad), np.int32)
-        for i, p in enumerate(ids):
-            prompt[i, :len(p)] = p
-        lens = np.array([len(p) for p in ids], np.int32)
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        capacity, out_len = buffer_sizes(longest, max_new_tokens, block)
+        prompt, lens, keys, max_new = self.prompt_rows(ids, _bucket(longest), seeds, [max_new_tokens] * b)
         sampling = Sampling.make(temperature, top_k, top_p)
-        max_new = jnp.full((b,), max_new_tokens, jnp.int32)
-        prompt, lens, keys, max_new = self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys, max_new)
         cache_sharding = self.cache_sharding(b)
         with jax.default_matmul_precision(self._precision):
             st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, max_new,
@@ -242,7 +244,7 @@ class Generator:
         with jax.default_matmul_precision(self._precision):
             states = run_python(self._graphdef, self._params, step_fn, opts, st)
             for final in _with_first(st, states):
-                tokens = row_tokens(final, opts, 0)
+                tokens = row_tokens(host_rows(final), opts, 0)  # one host read per step
                 if len(tokens) > emitted:
                     yield tokens[emitted:]
                     emitted = len(tokens)
@@ -254,7 +256,7 @@ class Generator:
         return Result(tokens=toks, text=text, stats=row_stats(st, opts, i, len(toks), wall))
 
     def _results(self, st: State, opts: Options, wall: float, n_rows: int | None = None) -> list[Result]:
-        st = jax.device_get(st)
+        st = host_rows(st)
         results = []
         total = 0
         for i in range(n_rows if n_rows is not None else st.n_out.shape[0]):
@@ -284,6 +286,18 @@ def sharded_attention_impl(cfg: Config, mesh, reference: bool = False):
     if (on_gpu or reference) and cfg.num_kv_heads % mesh.shape["model"] == 0:
         return ShardedPallas(mesh, reference=reference)
     return "xla"
+
+
+def buffer_sizes(longest: int, max_new: int, block: int) -> tuple[int, int]:
+    """(KV capacity, output length) for prompts of up to `longest` tokens: the bucketed prompt, the new tokens
+    and two blocks of slack (a block may run past the last kept token; a batch refill writes its prompt past
+    the committed rows), rounded up; the output buffer takes one block of slack."""
+    return _round_up(_bucket(longest) + max_new + 2 * block, 128), _round_up(max_new + block, 64)
+
+
+def host_rows(st: State) -> State:
+    """The per-row results on the host: the KV cache and the LoRA stay on the device (no GB-sized copy)."""
+    return jax.device_get(dataclasses.replace(st, cache=None, lora=None))
 
 
 def row_tokens(st: State, opts: Options, i: int) -> list[int]:

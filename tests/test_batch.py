@@ -152,3 +152,25 @@ def test_mesh_from_flags(capsys, model_dir, tmp_path):
     assert run_job(model_dir, inp, tmp_path / "o.jsonl", "--tensor-parallel-size", "3") == 2
     assert "--tensor-parallel-size 3 must be >= 1 and divide the 8 devices" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_linear_spec_job_with_drafter_refills_slots(model_dir, tmp_path):
+    """A drafter LoRA has no batch dimension: refilling a slot keeps it as is (it once crashed the refill),
+    and every result equals a one-at-a-time generate with the same drafter."""
+    import jax
+
+    from nemodiff_jax.lora import random_lora, save_lora
+
+    gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
+    drafter = save_lora(random_lora(gen.config, jax.random.key(11), rank=4, std=0.3), tmp_path / "lora",
+                        gen.config)
+    reqs = [{"id": f"d{i}", "prompt": p, "mode": "linear_spec", "max_new_tokens": 5 + 2 * i}
+            for i, p in enumerate(PROMPTS[:5])]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    assert run_job(model_dir, inp, out, "--drafter", str(drafter)) == 0  # 5 requests through 3 slots
+    got = {r["id"]: r["tokens"] for r in read_out(out)}
+    gen.attach_drafter(drafter)
+    for r in reqs:
+        want = gen.generate([r["prompt"]], mode="linear_spec", max_new_tokens=r["max_new_tokens"])[0]
+        assert got[r["id"]] == want.tokens, r["id"]
