@@ -32,57 +32,48 @@ DROPPED = (re.compile(r"encoder\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """Where one HF tensor lives in the nnx model. Fused params (qkv_proj [D,K,G+2,H], gate_up_proj [D,2,F])
-    are filled from several HF tensors; `index` selects the block (qkv: 0 q, 1 k, 2 v; gate_up: 0, 1)."""
+    """Where one HF tensor lives in the nnx model: `block` indexes its part of the nnx param (fused params,
+    qkv_proj [D,K,G+2,H] and gate_up_proj [D,2,F], are filled from several HF tensors)."""
 
     hf: str
     path: tuple
-    kind: str  # same | linear | heads_in | qkv | gate_up
-    index: int
+    kind: str  # same | linear | heads_in | qkv
     hf_shape: tuple[int, ...]
+    block: tuple = np.s_[...]
 
 
 def layout(cfg: Config) -> dict[str, Piece]:
     """Every HF tensor of an NLD model with this config (the one name table, generated from the config)."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    pieces = [Piece("encoder.embed_tokens.weight", ("embed_tokens",), "same", 0, (v, d)),
-              Piece("encoder.norm.weight", ("norm", "weight"), "same", 0, (d,))]
+    n, k, h, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
+    pieces = [Piece("encoder.embed_tokens.weight", ("embed_tokens",), "same", (v, d)),
+              Piece("encoder.norm.weight", ("norm", "weight"), "same", (d,))]
     if not cfg.tie_word_embeddings:
-        pieces.append(Piece("diffusion_head.weight", ("diffusion_head",), "linear", 0, (v, d)))
+        pieces.append(Piece("diffusion_head.weight", ("diffusion_head",), "linear", (v, d)))
     for i in range(cfg.num_layers):
         p = f"encoder.layers.{i}."
         attn, mlp = ("layers", i, "self_attn"), ("layers", i, "mlp")
         pieces += [
-            Piece(p + "input_layernorm.weight", ("layers", i, "input_layernorm", "weight"), "same", 0, (d,)),
+            Piece(p + "input_layernorm.weight", ("layers", i, "input_layernorm", "weight"), "same", (d,)),
             Piece(p + "post_attention_layernorm.weight", ("layers", i, "post_attention_layernorm", "weight"),
-                  "same", 0, (d,)),
-            Piece(p + "self_attn.q_proj.weight", attn + ("qkv_proj",), "qkv", 0, (n * h, d)),
-            Piece(p + "self_attn.k_proj.weight", attn + ("qkv_proj",), "qkv", 1, (k * h, d)),
-            Piece(p + "self_attn.v_proj.weight", attn + ("qkv_proj",), "qkv", 2, (k * h, d)),
-            Piece(p + "self_attn.o_proj.weight", attn + ("o_proj",), "heads_in", 0, (d, n * h)),
-            Piece(p + "mlp.gate_proj.weight", mlp + ("gate_up_proj",), "gate_up", 0, (f, d)),
-            Piece(p + "mlp.up_proj.weight", mlp + ("gate_up_proj",), "gate_up", 1, (f, d)),
-            Piece(p + "mlp.down_proj.weight", mlp + ("down_proj",), "linear", 0, (d, f)),
+                  "same", (d,)),
+            Piece(p + "self_attn.q_proj.weight", attn + ("qkv_proj",), "qkv", (n * h, d), np.s_[:, :, :g]),
+            Piece(p + "self_attn.k_proj.weight", attn + ("qkv_proj",), "qkv", (k * h, d), np.s_[:, :, g:g + 1]),
+            Piece(p + "self_attn.v_proj.weight", attn + ("qkv_proj",), "qkv", (k * h, d),
+                  np.s_[:, :, g + 1:g + 2]),
+            Piece(p + "self_attn.o_proj.weight", attn + ("o_proj",), "heads_in", (d, n * h)),
+            Piece(p + "mlp.gate_proj.weight", mlp + ("gate_up_proj",), "linear", (f, d), np.s_[:, 0]),
+            Piece(p + "mlp.up_proj.weight", mlp + ("gate_up_proj",), "linear", (f, d), np.s_[:, 1]),
+            Piece(p + "mlp.down_proj.weight", mlp + ("down_proj",), "linear", (d, f)),
         ]
     return {pc.hf: pc for pc in pieces}
-
-
-def _block(pc: Piece, cfg: Config):
-    """Index of the piece's block inside its nnx param."""
-    g = cfg.group_size
-    if pc.kind == "qkv":
-        return np.s_[:, :, :g, :] if pc.index == 0 else np.s_[:, :, g + pc.index - 1:g + pc.index, :]
-    if pc.kind == "gate_up":
-        return np.s_[:, pc.index, :]
-    return np.s_[...]
 
 
 def _to_nnx(arr: np.ndarray, pc: Piece, cfg: Config) -> np.ndarray:
     """HF [out, in] tensor -> the nnx block it fills (PyTorch layout transposed, heads split)."""
     if pc.kind == "same":
         return arr
-    if pc.kind in ("linear", "gate_up"):
+    if pc.kind == "linear":
         return arr.T
     if pc.kind == "heads_in":  # [D, N*H] -> [N, H, D]
         return arr.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
@@ -95,7 +86,7 @@ def _to_hf(block: np.ndarray, pc: Piece) -> np.ndarray:
     """Inverse of _to_nnx, from the piece's block of the nnx param."""
     if pc.kind == "same":
         return block
-    if pc.kind in ("linear", "gate_up"):
+    if pc.kind == "linear":
         return block.T
     if pc.kind == "heads_in":
         return block.reshape(-1, block.shape[-1]).T
@@ -198,7 +189,7 @@ def load_model(model_dir: str | Path, cfg: Config, dtype=jnp.bfloat16, shardings
             buf = host.get(pc.path)
             if buf is None:
                 buf = host[pc.path] = np.empty(tuple(expected[pc.path].shape), dtype)
-            buf[_block(pc, cfg)] = _to_nnx(reader.get(info), pc, cfg)  # an owned copy: the mmap closes later
+            buf[pc.block] = _to_nnx(reader.get(info), pc, cfg)  # an owned copy: the mmap closes later
             todo[pc.path] -= 1
             if todo[pc.path] == 0:
                 arr = host.pop(pc.path)
@@ -222,7 +213,7 @@ def model_tensors_hf(model: Transformer) -> dict[str, np.ndarray]:
     for name, pc in layout(model.config).items():
         if pc.path not in host:
             host[pc.path] = np.asarray(jax.device_get(params[pc.path][...]))
-        out[name] = np.ascontiguousarray(_to_hf(host[pc.path][_block(pc, model.config)], pc))
+        out[name] = np.ascontiguousarray(_to_hf(host[pc.path][pc.block], pc))
     return out
 
 

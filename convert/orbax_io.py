@@ -48,15 +48,21 @@ def save_orbax(model: Transformer, out_dir: str | Path, *, copy_from: str | Path
     return out_dir
 
 
+def _marker(path: Path) -> dict:
+    """The checkpoint's marker (format, dtype, config), its format checked."""
+    meta = json.loads((path / MARKER).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / MARKER}: unknown format {meta.get('format')!r}")
+    return meta
+
+
 def orbax_config(path: str | Path) -> Config:
-    return Config.from_hf_config(json.loads((Path(path) / MARKER).read_text())["config"])
+    return Config.from_hf_config(_marker(Path(path))["config"])
 
 
 def load_orbax(path: str | Path, dtype=None, shardings: dict | None = None) -> Transformer:
     path = Path(path).absolute()
-    meta = json.loads((path / MARKER).read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / MARKER}: unknown format {meta.get('format')!r}")
+    meta = _marker(path)
     cfg = Config.from_hf_config(meta["config"])
     saved_dtype = jnp.dtype(meta["dtype"])
     load_dtype = saved_dtype if dtype is None else jnp.dtype(dtype)

@@ -53,11 +53,15 @@ class ShardedPallas:
 
 
 def pallas_supported(q: jax.Array, k_cache: jax.Array) -> bool:
-    """The Mosaic GPU kernel's domain: a Hopper-class GPU, 16-bit inputs, capacity a multiple of 8 (TMA
-    row alignment), head_dim 64 or 128."""
+    """The Mosaic GPU kernel's domain: a Hopper-class GPU, 16-bit inputs, capacity a multiple of the TMA row
+    tile and at least one KV block (the kernel's own limits), head_dim 64 or 128."""
+    if jax.default_backend() != "gpu":
+        return False
+    from pallas_kernels.chunk_attention import TMA_ROWS, BlockSizes  # Mosaic GPU only on a GPU
+
     s = k_cache.shape[1]
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and k_cache.dtype == q.dtype
-            and s % 8 == 0 and s >= 64 and q.shape[-1] in (64, 128))
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and k_cache.dtype == q.dtype and s % TMA_ROWS == 0
+            and s >= BlockSizes().block_kv and q.shape[-1] in (64, 128))
 
 
 def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
@@ -82,12 +86,12 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
 
 
 def _sharded_pallas(q, k_cache, v_cache, lengths, causal: bool, impl: ShardedPallas):
-    from pallas_kernels.chunk_attention import chunk_attention_pallas, chunk_attention_reference
+    from pallas_kernels.chunk_attention import chunk_attention_reference
 
     def per_device(q, k, v, lens):
         if impl.reference:
-            return chunk_attention_reference(q, k, v, lens, causal=causal).astype(q.dtype)
-        return chunk_attention_pallas(q, k, v, lens, causal=causal)
+            return chunk_attention_reference(q, k, v, lens, causal=causal)
+        return chunk_attention(q, k, v, lens, causal=causal, impl="auto")  # the kernel where it applies
 
     heads = P("data", None, "model", None)
     kernel = jax.shard_map(per_device, mesh=impl.mesh, in_specs=(heads, heads, heads, P("data")),

@@ -62,10 +62,9 @@ class Attention(nnx.Module):
             q = q * qscale[:, :, None, None].astype(q.dtype)
         if cache is None:
             # Cache-free pass (training, tests): attention within the chunk under `mask` or causal/bidir.
-            t = x.shape[1]
             if mask is None:
                 mask = jnp.tril(jnp.ones((t, t), bool)) if causal else jnp.ones((t, t), bool)
-                mask = jnp.broadcast_to(mask, (x.shape[0], t, t))
+                mask = jnp.broadcast_to(mask, (b, t, t))
             out = sdpa(q, k, v, mask)
         else:
             k_buf = write_chunk(cache.k[layer], k, cache.lengths)
