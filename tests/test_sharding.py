@@ -116,3 +116,19 @@ def test_tensor_parallel_forward_collectives(tied):
     for shape, _ in collectives:
         dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])[1:]]
         assert max(dims) <= max(cfg.hidden_size, 2), collectives
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform")
+def test_sharded_kernel_path_falls_back_per_device():
+    """Under a mesh, inputs outside the kernel's domain (here: the CPU, float32) take the XLA path on each
+    device instead of reaching the kernel; the result equals unsharded attention."""
+    from nemodiff_jax.attention import ShardedPallas, chunk_attention
+
+    b, t, s, n, k, h = 2, 3, 64, 8, 4, 16
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    kc, vc = jax.random.normal(keys[1], (b, s, k, h)), jax.random.normal(keys[2], (b, s, k, h))
+    lens = jnp.array([5, 20], jnp.int32)
+    want = chunk_attention(q, kc, vc, lens, causal=True, impl="xla")
+    got = chunk_attention(q, kc, vc, lens, causal=True, impl=ShardedPallas(make_mesh(2, 2)))
+    assert jnp.allclose(got, want, atol=1e-5)
