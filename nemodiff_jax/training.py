@@ -93,12 +93,11 @@ def doubled_inputs(x_t: jax.Array, x0: jax.Array, block: int) -> tuple[jax.Array
 
 
 def loss_sums(model: Transformer, x0: jax.Array, loss_mask: jax.Array, key: jax.Array, block: int, *,
-              eps: float = DEFAULT_EPS, mask_id: int | None = None) -> dict[str, jax.Array]:
+              eps: float = DEFAULT_EPS) -> dict[str, jax.Array]:
     """Additive statistics of one doubled forward (sums and counts; summing them over batches is exact)."""
-    mask_id = model.config.mask_token_id if mask_id is None else mask_id
     loss_mask = loss_mask.astype(bool)
     n = x0.shape[1]
-    x_t, masked, p = corrupt(key, x0, loss_mask, eps, mask_id=mask_id)
+    x_t, masked, p = corrupt(key, x0, loss_mask, eps, mask_id=model.config.mask_token_id)
     tokens, positions, mask = doubled_inputs(x_t, x0, block)
     logits, _ = model(tokens, positions, None, mask=mask)
 
@@ -141,12 +140,11 @@ def metrics_from_sums(s: dict[str, Any], alpha: float = DEFAULT_ALPHA) -> dict[s
 
 
 def joint_loss(model: Transformer, x0: jax.Array, loss_mask: jax.Array, key: jax.Array, block: int,
-               alpha: float = DEFAULT_ALPHA, *, eps: float = DEFAULT_EPS,
-               mask_id: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               alpha: float = DEFAULT_ALPHA, *, eps: float = DEFAULT_EPS) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of the joint objective for clean tokens x0 [B,n] (int) and loss_mask [B,n] (bool).
 
     loss_mask marks the tokens that may be corrupted and the AR targets (position i+1 of each pair)."""
-    metrics = metrics_from_sums(loss_sums(model, x0, loss_mask, key, block, eps=eps, mask_id=mask_id), alpha)
+    metrics = metrics_from_sums(loss_sums(model, x0, loss_mask, key, block, eps=eps), alpha)
     return metrics["loss"], metrics
 
 
@@ -236,12 +234,6 @@ def set_total_steps(opt_state, total_steps: int):
 
 
 # ------------------------------------------------------------------ train / eval steps (data parallel)
-
-
-def make_mesh(devices=None) -> Mesh:
-    """1-D mesh over ("data",). Auto axis types: params replicated and batch sharded by annotation only."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    return Mesh(devices.reshape(-1), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -334,7 +326,6 @@ def evaluate(eval_step, graphdef, state, batches, mesh: Mesh, seed: int = 1234,
         total = sums if total is None else {k: total[k] + sums[k] for k in total}
     if total is None:
         raise ValueError("evaluate: no batches")
-    total = {k: np.float64(v) for k, v in total.items()}
     return {k: float(v) for k, v in metrics_from_sums(total, alpha).items()}
 
 
@@ -469,7 +460,7 @@ class TokenWindows:
     def sequential(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
         """Non-overlapping windows covering the stream once (evaluation); the last batch is padded with rows
         whose loss mask is all False, which add nothing to any sum."""
-        starts = np.arange(0, len(self.stream) - (self.seq_len - 1) + 1, self.seq_len - 1)
+        starts = self._sequential_starts()
         for i in range(0, len(starts), batch):
             rows = self._rows(starts[i:i + batch])
             pad = batch - len(rows["tokens"])
@@ -479,7 +470,10 @@ class TokenWindows:
             yield rows
 
     def num_sequential_rows(self) -> int:
-        return len(range(0, len(self.stream) - (self.seq_len - 1) + 1, self.seq_len - 1))
+        return len(self._sequential_starts())
+
+    def _sequential_starts(self) -> np.ndarray:
+        return np.arange(0, len(self.stream) - (self.seq_len - 1) + 1, self.seq_len - 1)
 
 
 # ------------------------------------------------------------------ export

@@ -31,10 +31,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nemodiff_jax import training as T
 from nemodiff_jax.config import Config
+from nemodiff_jax.sharding import make_mesh
 from nemodiff_jax.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,15 +73,17 @@ BLOCK_SIZE = 32  # the inference block size of the released models (spec §2.1)
 YARN_FACTOR = 4.0
 
 
-def model_config(p: Preset, vocab_size: int) -> Config:
+def model_config(p: Preset, tokenizer: Tokenizer) -> Config:
     """NLD geometry scaled down: yarn with the training length as its original context and 4x headroom,
-    the Llama-4 query scale switched on past it, as the released models do at 16384 (spec §3.4-3.5)."""
-    return Config(vocab_size=vocab_size, hidden_size=p.hidden, intermediate_size=p.intermediate,
+    the Llama-4 query scale switched on past it, as the released models do at 16384 (spec §3.4-3.5). Vocab
+    and special ids come from the tokenizer."""
+    return Config(vocab_size=tokenizer.vocab_size, hidden_size=p.hidden, intermediate_size=p.intermediate,
                   num_layers=p.layers, num_heads=p.heads, num_kv_heads=p.kv_heads, head_dim=p.head_dim,
                   max_position_embeddings=int(YARN_FACTOR * p.seq_len), rope_type="yarn", rope_theta=1e4,
                   rope_factor=YARN_FACTOR, rope_original_max_position_embeddings=p.seq_len,
-                  llama_4_scaling_beta=0.1, tie_word_embeddings=False, mask_token_id=100, bos_token_id=1,
-                  eos_token_id=11, block_size=BLOCK_SIZE)
+                  llama_4_scaling_beta=0.1, tie_word_embeddings=False,
+                  mask_token_id=tokenizer.mask_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, block_size=BLOCK_SIZE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,29 +130,6 @@ def _floats(d) -> dict[str, float]:
     return {k: float(v) for k, v in d.items()}
 
 
-def greedy_sample(graphdef, state, prompt: list[int], n_new: int, compute_dtype) -> list[int]:
-    """AR greedy continuation with cache-free causal forwards over a fixed-length buffer (one compile)."""
-    total = len(prompt) + n_new
-    stop_ids = nnx.merge(graphdef, state).config.eos_token_ids
-
-    @jax.jit
-    def next_token(state, buf, cur):
-        model = nnx.merge(graphdef, T.cast_floats(state, compute_dtype))
-        pos = jnp.arange(total, dtype=jnp.int32)[None]
-        logits, _ = model(buf, pos, None, causal=True)
-        return jnp.argmax(logits[0, cur - 1].at[model.config.mask_token_id].set(-jnp.inf))
-
-    buf = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
-    out = []
-    for cur in range(len(prompt), total):
-        tok = int(next_token(state, buf, cur))
-        out.append(tok)
-        if tok in stop_ids:
-            break
-        buf = buf.at[0, cur].set(tok)
-    return out
-
-
 def main(argv=None) -> dict:
     t0 = time.time()
     args = parse_args(argv)
@@ -166,13 +145,14 @@ def main(argv=None) -> dict:
     ckpt_dir = work / "ckpt"
 
     tokenizer = Tokenizer.default()
-    cfg = model_config(p, tokenizer.vocab_size)
+    cfg = model_config(p, tokenizer)
     train_windows = T.TokenWindows(T.tokenize_corpus(args.train, tokenizer, eos_between_docs=not args.no_eos),
                                    p.seq_len, cfg.bos_token_id)
     val_windows = T.TokenWindows(T.tokenize_corpus(args.val, tokenizer, eos_between_docs=not args.no_eos),
                                  p.seq_len, cfg.bos_token_id)
 
-    mesh = T.make_mesh(jax.devices()[:args.devices] if args.devices else None)
+    devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+    mesh = make_mesh(len(devices), devices=devices)  # data parallel: params replicated, rows split
     budgeted = args.minutes is not None and args.steps is None
     steps = args.steps or (10 ** 6 if budgeted else p.steps)  # budgeted: provisional horizon, set after warm-up
     optimizer = T.make_optimizer(p.lr, warmup_steps=p.warmup, total_steps=steps, weight_decay=args.weight_decay)
@@ -278,9 +258,9 @@ def main(argv=None) -> dict:
     if last_val is None:  # nothing left to train (resumed at the end)
         last_val = run_eval(state)
         best = {"loss": last_val["loss"], "step": step, "metrics": last_val, "state": None}
-    export_state = best["state"] if args.export == "best" and best["state"] is not None else state
-    export_step = best["step"] if export_state is best["state"] else step
-    export_metrics = best["metrics"] if export_state is best["state"] else last_val
+    use_best = args.export == "best" and best["state"] is not None
+    export_state, export_step, export_metrics = ((best["state"], best["step"], best["metrics"]) if use_best
+                                                 else (state, step, last_val))
     hf_dir = T.export_hf(graphdef, export_state, out)
     size = (hf_dir / "model.safetensors").stat().st_size
 
@@ -290,7 +270,7 @@ def main(argv=None) -> dict:
 
         gen = nemodiff_jax.load(hf_dir, dtype="float32", progress=False)
         prompt = gen.tokenizer.encode("ROMEO:\n")
-        ids = greedy_sample(*nnx.split(gen.model), prompt, args.sample_tokens, jnp.float32)
+        ids = gen.generate([prompt], mode="ar", max_new_tokens=args.sample_tokens)[0].tokens  # greedy
         sample = gen.tokenizer.decode(prompt[1:] + ids)
 
     summary = {

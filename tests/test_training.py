@@ -21,6 +21,7 @@ from nemodiff_jax import training as T
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.model import Transformer
+from nemodiff_jax.sharding import make_mesh
 
 # Small enough that every test compiles in a few seconds on CPU; GQA and yarn stay on.
 CFG = Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -203,7 +204,7 @@ def _run(step, graphdef, state, opt_state, mesh, steps, start=0, batch=8):
 
 
 def test_few_steps_lower_the_loss_and_horizon_is_settable():
-    mesh = T.make_mesh(jax.devices()[:1])
+    mesh = make_mesh(1, devices=jax.devices()[:1])
     _, graphdef, state, opt_state, step = _setup(mesh)
     state, opt_state, hist = _run(step, graphdef, state, opt_state, mesh, 25)
     first = np.mean([h["loss"] for h in hist[:3]])
@@ -227,7 +228,7 @@ def test_data_parallel_matches_single_device():
     n_dev = 8 if jax.device_count() >= 8 else 2
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:n_dev]):
-        mesh = T.make_mesh(devices)
+        mesh = make_mesh(len(devices), devices=devices)
         _, graphdef, state, opt_state, step = _setup(mesh)
         state, _, hist = _run(step, graphdef, state, opt_state, mesh, 3)
         results.append((state, hist))
@@ -240,7 +241,7 @@ def test_data_parallel_matches_single_device():
 
 
 def test_checkpoint_resume_is_bitwise_exact(tmp_path):
-    mesh = T.make_mesh()
+    mesh = make_mesh(len(jax.devices()))
     batch = max(8, jax.device_count())
     opt, graphdef, state, opt_state, step = _setup(mesh)
     state, opt_state, _ = _run(step, graphdef, state, opt_state, mesh, 3, batch=batch)
