@@ -78,8 +78,6 @@ class Generator:
         return tuple(jax.device_put(a, rows_sharding(a.shape, self.mesh)) for a in arrays)
 
     def cache_sharding(self, batch: int):
-        if self.mesh is None:
-            return None
         from nemodiff_jax import sharding as shd
 
         return shd.cache_sharding(self.config, batch, self.mesh)

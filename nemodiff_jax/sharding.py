@@ -54,8 +54,10 @@ def param_shardings(model, mesh: Mesh) -> dict[tuple, NamedSharding]:
     return out
 
 
-def cache_sharding(cfg, batch: int, mesh: Mesh) -> NamedSharding:
-    """KV buffers [B, S, K, H]: rows over data, kv heads over model (where they divide)."""
+def cache_sharding(cfg, batch: int, mesh: Mesh | None) -> NamedSharding | None:
+    """KV buffers [B, S, K, H]: rows over data, kv heads over model (where they divide); None without a mesh."""
+    if mesh is None:
+        return None
     return NamedSharding(mesh, spec_for((batch, 0, cfg.num_kv_heads, cfg.head_dim),
                                         ("batch", None, "kv_heads", None), mesh))
 

@@ -245,6 +245,11 @@ def correctness(args, deadline):
     return results
 
 
+def kv_cache_bytes(b: int, ctx: int) -> int:
+    """One layer's bf16 K and V for b rows of ctx slots (what attention streams)."""
+    return 2 * b * ctx * KV_HEADS * HEAD_DIM * 2
+
+
 def time_impls(row, impls, fn_args, kv_bytes, iters):
     for name, fn in impls:
         what = f"time {name} {json.dumps({k: row[k] for k in ('T', 'causal', 'B', 'context') if k in row})}"
@@ -272,7 +277,7 @@ def timing(args, deadline):
     results = RESULTS["timing"]
     for ctx in contexts:
         for b in batches:
-            cache_gb = 2 * b * ctx * KV_HEADS * HEAD_DIM * 2 / 1e9
+            cache_gb = kv_cache_bytes(b, ctx) / 1e9
             if cache_gb > 20:
                 results += [dict(T=t, causal=c, B=b, context=ctx, skipped="cache > 20 GB") for t, c in modes]
                 continue
@@ -292,10 +297,9 @@ def timing(args, deadline):
                     continue
                 q = _normal(jax.random.key(t), (b, t, N_HEADS, HEAD_DIM), jnp.bfloat16)
                 lens = jnp.full((b,), ctx - t, jnp.int32)  # every row full: limit = capacity = context
-                kv_bytes = 2 * b * ctx * KV_HEADS * HEAD_DIM * 2
                 results.append(row)
                 time_impls(row, (("pallas", pallas_fn(causal, BlockSizes())), ("xla", xla_fn(causal)),
-                                 ("cudnn", cudnn_fn(causal))), (q, k, v, lens), kv_bytes, args.iters)
+                                 ("cudnn", cudnn_fn(causal))), (q, k, v, lens), kv_cache_bytes(b, ctx), args.iters)
                 log(f"T={t} causal={causal} B={b} ctx={ctx}: " + ", ".join(
                     f"{n}={row.get(f'{n}_us', 'err')}" for n in ("pallas", "xla", "cudnn")))
             del k, v
@@ -325,7 +329,7 @@ def timing_variants(args, deadline):
                 row["skipped"] = "time budget"
             else:
                 time_impls(row, (("pallas", pallas_fn(causal, blk)),), (q, k, v, lens),
-                           2 * b * ctx * KV_HEADS * HEAD_DIM * 2, args.iters)
+                           kv_cache_bytes(b, ctx), args.iters)
                 log(f"variant T={t} causal={causal} B={b} ctx={ctx} {blk}: {row.get('pallas_us', 'err')}")
         del q, k, v
     return results

@@ -11,15 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def no_mesh_left(monkeypatch):
+    """bench.MESH is module state that --mesh sets: put it back after each test, whatever happened."""
+    monkeypatch.setattr(bench, "MESH", None)
+
+
 @pytest.mark.parametrize("mesh", [None, ("1", "2"), ("2", "1")])
 def test_bench_tiny_writes_report(tmp_path, mesh):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     argv = ["--sizes", "tiny", "--contexts", "64", "--batches", "1", "2", "--new-tokens", "8", "--prompt-len", "16",
             "--mode-new-tokens", "12", "--attn", "xla", "--out", str(out), "--md", str(md)]
-    try:
-        bench.main(argv + (["--mesh", *mesh] if mesh else []))
-    finally:
-        bench.MESH = None
+    bench.main(argv + (["--mesh", *mesh] if mesh else []))
     report = json.loads(out.read_text())
     assert report["mesh"] == ([int(m) for m in mesh] if mesh else None)
     size = report["sizes"][0]
@@ -44,10 +47,7 @@ def test_tp_variants_compile_options_keep_logits(tmp_path):
     import tp_variants
 
     out = tmp_path / "v.json"
-    try:
-        rows = tp_variants.main(["--size", "tiny", "--tp", "1", "2", "--context", "64", "--out", str(out)])
-    finally:
-        bench.MESH = None
+    rows = tp_variants.main(["--size", "tiny", "--tp", "1", "2", "--context", "64", "--out", str(out)])
     got = {(r["tp"], r["variant"]) for r in rows}
     assert got == {(1, "default"), (1, "no_cmd_buffer")} | {(2, v) for v in tp_variants.VARIANTS}
     assert all(r["same_logits"] and r["ms_per_forward"] > 0 for r in rows)
