@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, Reader, TensorInfo, read_header, write_file
+from nemodiff_jax.convert.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, Reader, TensorInfo, read_header, write_file
 from nemodiff_jax.config import Config
 from nemodiff_jax.model import Transformer, abstract_model
 

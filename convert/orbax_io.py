@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from convert.safetensors_io import CheckpointError
+from nemodiff_jax.convert.safetensors_io import CheckpointError
 from nemodiff_jax.config import Config
 from nemodiff_jax.model import Transformer, abstract_model
 

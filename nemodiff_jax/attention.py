@@ -57,7 +57,7 @@ def pallas_supported(q: jax.Array, k_cache: jax.Array) -> bool:
     tile and at least one KV block (the kernel's own limits), head_dim 64 or 128."""
     if jax.default_backend() != "gpu":
         return False
-    from pallas_kernels.chunk_attention import TMA_ROWS, BlockSizes  # Mosaic GPU only on a GPU
+    from nemodiff_jax.pallas_kernels.chunk_attention import TMA_ROWS, BlockSizes  # Mosaic GPU only on a GPU
 
     s = k_cache.shape[1]
     return (q.dtype in (jnp.bfloat16, jnp.float16) and k_cache.dtype == q.dtype and s % TMA_ROWS == 0
@@ -79,14 +79,14 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
         mask = chunk_mask(lengths, q.shape[1], k_cache.shape[1], causal)
         return sdpa(q, k_cache, v_cache, mask)
     if impl == "pallas":
-        from pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
+        from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
 
         return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal)
     raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS}")
 
 
 def _sharded_pallas(q, k_cache, v_cache, lengths, causal: bool, impl: ShardedPallas):
-    from pallas_kernels.chunk_attention import chunk_attention_reference
+    from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_reference
 
     def per_device(q, k, v, lens):
         if impl.reference:

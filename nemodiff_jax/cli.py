@@ -19,8 +19,8 @@ def default_model() -> Path:
 
 
 def cmd_convert(args) -> int:
-    from convert.hf import save_hf
-    from convert.orbax_io import save_orbax
+    from nemodiff_jax.convert.hf import save_hf
+    from nemodiff_jax.convert.orbax_io import save_orbax
     from nemodiff_jax.generate import load
 
     gen = load(args.src, dtype=args.dtype, progress=True)

@@ -354,8 +354,8 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
 
     `mesh` (see sharding.make_mesh): weights stream straight into their shardings (tensor parallel over
     "model"), batches are split over "data"."""
-    from convert.hf import load_model
-    from convert.orbax_io import is_orbax_dir, load_orbax, orbax_config
+    from nemodiff_jax.convert.hf import load_model
+    from nemodiff_jax.convert.orbax_io import is_orbax_dir, load_orbax, orbax_config
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.safetensors_io import CheckpointError, Reader, read_header, write_file
+from nemodiff_jax.convert.safetensors_io import CheckpointError, Reader, read_header, write_file
 from nemodiff_jax.config import Config
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -487,7 +487,7 @@ def export_hf(graphdef, state, out_dir: str | Path, *, dtype=jnp.bfloat16,
               tokenizer_dir: str | Path = DEFAULT_TOKENIZER_DIR) -> Path:
     """NLD HF directory: config.json, model.safetensors (in `dtype`), tokenizer + chat template +
     generation_config.json (copied from tokenizer_dir; generation_config synthesised if it has none)."""
-    from convert.hf import save_hf  # convert/ depends on the library, not the other way round
+    from nemodiff_jax.convert.hf import save_hf  # convert/ depends on the library, not the other way round
 
     params = jax.device_get(cast_floats(state, dtype))
     model = nnx.merge(graphdef, params)

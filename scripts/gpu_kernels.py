@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nemodiff_jax.attention import chunk_attention, chunk_mask  # noqa: E402
-from pallas_kernels.chunk_attention import (BlockSizes, chunk_attention_pallas,  # noqa: E402
+from nemodiff_jax.pallas_kernels.chunk_attention import (BlockSizes, chunk_attention_pallas,  # noqa: E402
                                             chunk_attention_reference, grid_plan)
 
 N_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128

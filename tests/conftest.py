@@ -12,7 +12,7 @@ def tiny_model_with_tokenizer(directory, seed: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from convert.hf import save_hf
+    from nemodiff_jax.convert.hf import save_hf
     from nemodiff_jax.cli import ASSETS
     from nemodiff_jax.config import PRESETS
     from nemodiff_jax.model import Transformer

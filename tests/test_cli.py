@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import tiny_model_with_tokenizer
 
-from convert.hf import read_hf_tensors
+from nemodiff_jax.convert.hf import read_hf_tensors
 from nemodiff_jax import cli
 
 

@@ -14,10 +14,10 @@ import safetensors.numpy
 from flax import nnx
 
 import nemodiff_jax
-from convert.hf import (INDEX_FILE, checkpoint_tensors, layout, load_model, model_tensors_hf, read_hf_tensors,
+from nemodiff_jax.convert.hf import (INDEX_FILE, checkpoint_tensors, layout, load_model, model_tensors_hf, read_hf_tensors,
                         save_hf)
-from convert.orbax_io import save_orbax
-from convert.safetensors_io import CheckpointError
+from nemodiff_jax.convert.orbax_io import save_orbax
+from nemodiff_jax.convert.safetensors_io import CheckpointError
 from nemodiff_jax.config import PRESETS, Config, num_params
 from nemodiff_jax.generate import Generator
 from nemodiff_jax.model import Transformer, abstract_model

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import nemodiff_jax
-from convert.hf import save_hf
+from nemodiff_jax.convert.hf import save_hf
 from nemodiff_jax.config import PRESETS
 from nemodiff_jax.model import abstract_model
 

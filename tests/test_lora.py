@@ -10,8 +10,8 @@ import safetensors.numpy
 from flax import nnx
 
 import nemodiff_jax
-from convert.hf import save_hf
-from convert.safetensors_io import CheckpointError
+from nemodiff_jax.convert.hf import save_hf
+from nemodiff_jax.convert.safetensors_io import CheckpointError
 from nemodiff_jax.config import PRESETS
 from nemodiff_jax.lora import load_lora, random_lora, save_lora
 from nemodiff_jax.model import Transformer

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from nemodiff_jax.attention import chunk_attention
-from pallas_kernels.chunk_attention import (BlockSizes, auto_num_splits, chunk_attention_pallas,
+from nemodiff_jax.pallas_kernels.chunk_attention import (BlockSizes, auto_num_splits, chunk_attention_pallas,
                                             chunk_attention_reference)
 
 POISON_K, POISON_V = 100.0, 1e4  # would dominate the softmax / the output if ever given weight

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import nemodiff_jax
-from convert.hf import save_hf
+from nemodiff_jax.convert.hf import save_hf
 from nemodiff_jax.config import PRESETS
 from nemodiff_jax.generate import Generator
 from nemodiff_jax.model import Transformer
