@@ -10,6 +10,7 @@ Shapes: B batch, T chunk, S cache capacity, N query heads, K kv heads, G = N/K, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,61 +38,192 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "cudnn")
+
+
+# ------------------------------------------------------------------------------------------ which path runs
+#
+# One table decides, by capability: device x dtype x head_dim x shape -> "pallas" | "cudnn" | "xla".
+#
+#   path    runs on                                 dtype      head_dim            shape
+#   pallas  CUDA, compute capability 9.x (Hopper:   bf16/f16   64, 128             capacity % 8 == 0 and
+#           wgmma + TMA; Mosaic GPU)                                               >= one KV block (64)
+#   cudnn   CUDA, compute capability >= 8.0         bf16/f16   <= 128 (<= 256 from any (kv lengths for
+#           (cuDNN flash attention; CC 10.3 needs              9.0 on), % 8        T=1 and bidirectional,
+#           cuDNN >= 9.11)                                                         a mask for causal T>1)
+#   xla     everywhere (the reference)              any        any                 any
+#
+# "auto" takes the first path that runs and pays: pallas wherever it runs (2-7.5x the XLA path, 1-12x cuDNN on
+# an H200); else cuDNN where it beat XLA on the H200 (docs/PERFORMANCE.md, "Pallas chunk attention"): every
+# T=1 step (1.1-3.8x), bidirectional chunks at batch >= 8 or capacity <= 4096, and causal chunks (cuDNN
+# cannot align its causal mask bottom-right, so these carry a [B,1,T,S] mask) at batch >= 8 or capacity <=
+# 1024; otherwise XLA. ROCm, TPU, CPU and pre-Ampere GPUs take XLA.
+
+CUDNN_BATCH = 8  # from this batch on, cuDNN beat XLA on every measured T=32 chunk
+CUDNN_BIDIR_CAPACITY = 4096  # ... and below these capacities at any batch
+CUDNN_CAUSAL_CAPACITY = 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardedPallas:
-    """The Pallas kernel under a mesh: a pallas_call is one device's program, so it runs inside shard_map with
-    rows over "data" and heads over "model" (query head groups stay with their kv head: both are split into
-    the same number of contiguous blocks). Needs batch % data == 0 and kv heads % model == 0."""
+class DeviceInfo:
+    """What the attention table needs to know of a device (tests build fake ones)."""
+
+    platform: str  # "cuda", "rocm", "cpu", "tpu", ...
+    kind: str  # jax's device_kind, e.g. "NVIDIA H200"
+    compute_capability: tuple[int, int] | None = None  # CUDA only
+    cudnn_version: int | None = None  # e.g. 91100 for 9.11; None: unknown
+
+    @classmethod
+    def of(cls, device=None) -> "DeviceInfo":
+        """The description of a jax device (default: the first of the default backend)."""
+        return _describe(jax.devices()[0] if device is None else device)
+
+    def __str__(self):
+        cc = f", compute capability {self.compute_capability[0]}.{self.compute_capability[1]}" \
+            if self.compute_capability else ""
+        return f"{self.kind} ({self.platform}{cc})"
+
+
+@functools.lru_cache(maxsize=None)
+def _describe(device) -> DeviceInfo:
+    platform, cc, cudnn = device.platform, None, None
+    if platform == "gpu":  # jax names CUDA and ROCm devices alike; the client says which
+        platform = "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+    if platform == "cuda":
+        cc = tuple(int(x) for x in str(device.compute_capability).split(".")[:2])
+        cudnn = _cudnn_version()
+    return DeviceInfo(platform, device.device_kind, cc, cudnn)
+
+
+def _cudnn_version() -> int | None:
+    try:
+        from jax._src.lib import cuda_versions  # not public: the version is a nicety for one rule
+
+        return int(cuda_versions.cudnn_get_version())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def why_not(path: str, device: DeviceInfo, dtype, head_dim: int, capacity: int) -> str | None:
+    """Why `path` cannot run these inputs on `device`, or None when it can."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    cc = device.compute_capability
+    if path == "xla":
+        return None
+    if path == "pallas":
+        from nemodiff_jax.pallas_kernels.chunk_attention import TMA_ROWS, BlockSizes
+
+        block_kv = BlockSizes().block_kv
+        if device.platform != "cuda" or cc is None or cc[0] != 9:
+            return "the Mosaic GPU kernel uses Hopper instructions (wgmma, TMA): CUDA compute capability 9.x only"
+        if not half:
+            return f"the kernel takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+        if head_dim not in (64, 128):
+            return f"the kernel takes head_dim 64 or 128, got {head_dim}"
+        if capacity % TMA_ROWS or capacity < block_kv:
+            return f"cache capacity {capacity} must be a multiple of {TMA_ROWS} and >= {block_kv}"
+        return None
+    if path == "cudnn":
+        if device.platform != "cuda" or cc is None or cc < (8, 0):
+            return "cuDNN flash attention needs a CUDA GPU of compute capability >= 8.0"
+        if cc == (10, 3) and device.cudnn_version is not None and device.cudnn_version < 91100:
+            return f"compute capability 10.3 needs cuDNN >= 9.11, found {device.cudnn_version}"
+        if not half:
+            return f"cuDNN flash attention takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+        h_max = 256 if cc >= (9, 0) else 128
+        if head_dim > h_max or head_dim % 8:
+            return f"cuDNN flash attention takes head_dim <= {h_max} and a multiple of 8 here, got {head_dim}"
+        return None
+    raise ValueError(f"unknown attention impl {path!r}; choose from {IMPLS}")
+
+
+def choose_impl(device: DeviceInfo, dtype, head_dim: int, batch: int, t: int, capacity: int,
+                causal: bool) -> str:
+    """The path "auto" takes (the table above)."""
+    if why_not("pallas", device, dtype, head_dim, capacity) is None:
+        return "pallas"
+    if why_not("cudnn", device, dtype, head_dim, capacity) is None:
+        if t == 1 or batch >= CUDNN_BATCH:
+            return "cudnn"
+        if capacity <= (CUDNN_CAUSAL_CAPACITY if causal else CUDNN_BIDIR_CAPACITY):
+            return "cudnn"
+    return "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+    """Attention under a mesh: one device's program (the kernel, cuDNN or XLA, as the table picks for the
+    per-device shapes) inside shard_map, rows over "data" and heads over "model" (query head groups stay with
+    their kv head: both split into the same number of contiguous blocks). Needs kv heads % model == 0."""
 
     mesh: Mesh
-    # CPU tests of the partitioning: run the kernel file's pure-jnp reference per device instead of the kernel
-    # (the Mosaic GPU interpreter keeps global state and cannot run several fake devices at once)
+    impl: str = "auto"  # the per-device path: "auto" or a forced one
+    # CPU tests of the partitioning: run the Pallas kernel file's pure-jnp reference per device instead of the
+    # kernel (the Mosaic GPU interpreter keeps global state and cannot run several fake devices at once)
     reference: bool = False
 
 
-def pallas_supported(q: jax.Array, k_cache: jax.Array) -> bool:
-    """The Mosaic GPU kernel's domain: a Hopper-class GPU, 16-bit inputs, capacity a multiple of the TMA row
-    tile and at least one KV block (the kernel's own limits), head_dim 64 or 128."""
-    if jax.default_backend() != "gpu":
-        return False
-    from nemodiff_jax.pallas_kernels.chunk_attention import TMA_ROWS, BlockSizes  # Mosaic GPU only on a GPU
-
-    s = k_cache.shape[1]
-    return (q.dtype in (jnp.bfloat16, jnp.float16) and k_cache.dtype == q.dtype and s % TMA_ROWS == 0
-            and s >= BlockSizes().block_kv and q.shape[-1] in (64, 128))
+def mesh_impl(mesh: Mesh, num_kv_heads: int, impl: str = "auto", reference: bool = False):
+    """The attention impl under a mesh: per device (Sharded) where the kv heads split evenly over "model" and
+    some device of the mesh has a faster path than XLA; otherwise the XLA path, which the SPMD partitioner
+    splits by itself. A forced path that cannot split is an error."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS}")
+    splits = num_kv_heads % mesh.shape["model"] == 0
+    if impl not in ("auto", "xla") and not splits:
+        raise ValueError(f"attention impl {impl!r} under a mesh needs the {num_kv_heads} kv heads to split "
+                         f"evenly over the {mesh.shape['model']} model devices")
+    fast = any(DeviceInfo.of(d).platform == "cuda" for d in mesh.devices.flat)
+    if splits and (reference or impl not in ("auto", "xla") or fast):
+        return Sharded(mesh, impl, reference)
+    return "xla"
 
 
 def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                    causal: bool, impl: str | ShardedPallas = "auto") -> jax.Array:
+                    causal: bool, impl: str | Sharded = "auto", device: DeviceInfo | None = None) -> jax.Array:
     """q [B,T,N,H] over the layer's cache [B,S,K,H] (chunk already written) with per-row lengths [B].
 
-    impl: "xla" (the reference; CPU and any device), "pallas" (pallas_kernels/chunk_attention.py: reads only
-    up to each row's length + T, scores stay on chip; 4-7x faster than "xla" on an H200, see
-    docs/PERFORMANCE.md), "auto" = pallas where supported, else xla."""
-    if isinstance(impl, ShardedPallas):
-        return _sharded_pallas(q, k_cache, v_cache, lengths, causal, impl)
+    impl: "xla" (the reference; any device), "pallas" (pallas_kernels/chunk_attention.py: reads only up to
+    each row's length + T, scores stay on chip), "cudnn" (jax.nn.dot_product_attention's cuDNN flash
+    attention), "auto" (the table above, for `device`, default the first jax device), or a Sharded (under a
+    mesh). A forced path that cannot run here is a ValueError naming the device and the reason."""
+    if isinstance(impl, Sharded):
+        return _sharded(q, k_cache, v_cache, lengths, causal, impl)
+    device = DeviceInfo.of() if device is None else device
+    b, t, _, h = q.shape
+    s = k_cache.shape[1]
     if impl == "auto":
-        impl = "pallas" if pallas_supported(q, k_cache) else "xla"
+        impl = choose_impl(device, q.dtype, h, b, t, s, causal)
+    elif (reason := why_not(impl, device, q.dtype, h, s)) is not None:
+        raise ValueError(f"attention impl {impl!r} cannot run on {device}: {reason}")
     if impl == "xla":
-        mask = chunk_mask(lengths, q.shape[1], k_cache.shape[1], causal)
-        return sdpa(q, k_cache, v_cache, mask)
+        return sdpa(q, k_cache, v_cache, chunk_mask(lengths, t, s, causal))
     if impl == "pallas":
         from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
 
         return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal)
-    raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS}")
+    return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal)
 
 
-def _sharded_pallas(q, k_cache, v_cache, lengths, causal: bool, impl: ShardedPallas):
+def cudnn_chunk_attention(q, k_cache, v_cache, lengths, *, causal: bool, implementation: str = "cudnn"):
+    """The chunk semantics through cuDNN flash attention: every row's keys end at length + T (kv lengths:
+    cuDNN skips the rest); a causal chunk of T > 1 also needs its bottom-right causal mask, which cuDNN's own
+    (top-left) causal mode cannot express, so it goes in as a mask (cuDNN adds it as a bias).
+    `implementation="xla"` runs the same call through jax's XLA path (CPU tests of these arguments)."""
+    t, s = q.shape[1], k_cache.shape[1]
+    kv_lengths = (lengths + t).astype(jnp.int32)
+    mask = chunk_mask(lengths, t, s, True)[:, None] if causal and t > 1 else None  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, key_value_seq_lengths=kv_lengths,
+                                        implementation=implementation)
+
+
+def _sharded(q, k_cache, v_cache, lengths, causal: bool, impl: Sharded):
     from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_reference
 
     def per_device(q, k, v, lens):
         if impl.reference:
             return chunk_attention_reference(q, k, v, lens, causal=causal)
-        return chunk_attention(q, k, v, lens, causal=causal, impl="auto")  # the kernel where it applies
+        return chunk_attention(q, k, v, lens, causal=causal, impl=impl.impl)  # the table, per device
 
     heads = P("data", None, "model", None)
     kernel = jax.shard_map(per_device, mesh=impl.mesh, in_specs=(heads, heads, heads, P("data")),

@@ -52,7 +52,7 @@ class Generator:
     """A loaded NLD model: `.config`, `.model`, `.tokenizer` (or None), `.logits(...)`, `.generate(...)`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, path: Path | None = None,
-                 mesh=None):
+                 mesh=None, attention: str = "auto"):
         self.mesh = mesh
         if mesh is not None:
             from nemodiff_jax.sharding import shard_model
@@ -67,7 +67,7 @@ class Generator:
         # fp32 means fp32: without this, GPUs run float32 matmuls at reduced (tf32/bf16) precision.
         self._precision = "highest" if self.dtype == jnp.float32 else None
         self.drafter: LoRA | None = None
-        self.attn_impl = "auto" if mesh is None else sharded_attention_impl(self.config, mesh)
+        self.attn_impl = attention_impl(self.config, self.dtype, attention, mesh)
 
     def place_rows(self, *arrays):
         """Shards per-row arrays (leading batch dim) over the mesh's "data" axis; a no-op without a mesh."""
@@ -274,16 +274,22 @@ def decoding_options(cfg: Config, mode: str, options: dict, stop_ids: tuple[int,
                    steps=o.get("steps"), mask_id=cfg.mask_token_id, attn_impl=attn_impl)
 
 
-def sharded_attention_impl(cfg: Config, mesh, reference: bool = False):
-    """Under a mesh: the Pallas kernel per device (shard_map) on GPUs where the kv heads split evenly over
-    "model"; otherwise the XLA path, which the SPMD partitioner splits by itself. `reference` runs the
-    kernel's jnp reference in the same shard_map (CPU tests of the partitioning)."""
-    from nemodiff_jax.attention import ShardedPallas
+def attention_impl(cfg: Config, dtype, attention: str, mesh=None):
+    """The attention impl a Generator runs: `attention` ("auto" = attention.choose_impl's table per call, or
+    a forced "pallas" / "cudnn" / "xla") on one device, or per device under a mesh (attention.mesh_impl).
+    A forced path that cannot run on this device is an error now, not at the first compile."""
+    from nemodiff_jax import attention as attn
 
-    on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
-    if (on_gpu or reference) and cfg.num_kv_heads % mesh.shape["model"] == 0:
-        return ShardedPallas(mesh, reference=reference)
-    return "xla"
+    if attention not in attn.IMPLS:
+        raise ValueError(f"attention must be one of {attn.IMPLS}, got {attention!r}")
+    if mesh is not None:
+        return attn.mesh_impl(mesh, cfg.num_kv_heads, attention)
+    if attention != "auto":
+        device = attn.DeviceInfo.of()
+        reason = attn.why_not(attention, device, dtype, cfg.head_dim, 128)  # capacities are multiples of 128
+        if reason is not None:
+            raise ValueError(f"attention {attention!r} cannot run on {device}: {reason}")
+    return attention
 
 
 def buffer_sizes(longest: int, max_new: int, block: int) -> tuple[int, int]:
@@ -349,11 +355,12 @@ def _logits_fn(graphdef, params, tokens, causal):
 
 
 def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None = None, progress: bool = True,
-         mesh=None) -> Generator:
+         mesh=None, attention: str = "auto") -> Generator:
     """Loads an HF NLD directory (config.json + safetensors) or a nemodiff orbax directory.
 
     `mesh` (see sharding.make_mesh): weights stream straight into their shardings (tensor parallel over
-    "model"), batches are split over "data"."""
+    "model"), batches are split over "data". `attention`: "auto" (the fastest path this device runs, per
+    shape: nemodiff_jax.attention.choose_impl) or a forced "pallas" | "cudnn" | "xla"."""
     from nemodiff_jax.convert.hf import load_model
     from nemodiff_jax.convert.orbax_io import is_orbax_dir, load_orbax, orbax_config
 
@@ -376,7 +383,7 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
             raise FileNotFoundError(f"{path}: no config.json")
         cfg = Config.from_file(path / "config.json")
         model = load_model(path, cfg, DTYPES[dtype], shardings=shardings_for(cfg), progress=progress)
-    gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh)
+    gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh, attention=attention)
     if drafter is not None:
         gen.attach_drafter(drafter)
     return gen

@@ -22,3 +22,16 @@ def tiny_model_with_tokenizer(directory, seed: int):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(ASSETS / name, directory / name)
     return directory
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests run only where jax has a GPU backend (`pytest -m gpu` on the GPU machine)."""
+    import jax
+    import pytest
+
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (jax backend is %s)" % jax.default_backend())
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

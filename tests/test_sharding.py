@@ -67,19 +67,20 @@ def test_indivisible_dimensions_stay_replicated():
 def test_attention_kernel_partitioning_under_shard_map(shape, reference):
     """The kernel path under a mesh runs per device in shard_map (rows over data, head groups over model).
     Here the kernel file's jnp reference stands in for the GPU kernel (tested on its own, interpret + GPU)."""
-    from nemodiff_jax.attention import ShardedPallas
-    from nemodiff_jax.generate import sharded_attention_impl
+    from nemodiff_jax.attention import Sharded, mesh_impl
 
     mesh = make_mesh(*shape)
     g = Generator(fresh(), mesh=mesh)
     assert g.attn_impl == "xla"  # on CPU the XLA path is the default under a mesh
-    g.attn_impl = sharded_attention_impl(CFG, mesh, reference=True)
-    assert isinstance(g.attn_impl, ShardedPallas)
+    g.attn_impl = mesh_impl(mesh, CFG.num_kv_heads, reference=True)
+    assert isinstance(g.attn_impl, Sharded)
     for mode in MODES:
         got = [r.tokens for r in g.generate(PROMPTS, mode=mode, max_new_tokens=20, stop_token_ids=[])]
         assert got == reference[mode], f"mesh {shape} mode {mode}"
     # kv heads that do not split over "model" fall back to the partitioner-split XLA path
-    assert sharded_attention_impl(CFG, make_mesh(1, 8), reference=True) == "xla"
+    assert mesh_impl(make_mesh(1, 8), CFG.num_kv_heads, reference=True) == "xla"
+    with pytest.raises(ValueError, match="kv heads to split evenly"):
+        mesh_impl(make_mesh(1, 8), CFG.num_kv_heads, impl="pallas")
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform")
@@ -122,7 +123,7 @@ def test_tensor_parallel_forward_collectives(tied):
 def test_sharded_kernel_path_falls_back_per_device():
     """Under a mesh, inputs outside the kernel's domain (here: the CPU, float32) take the XLA path on each
     device instead of reaching the kernel; the result equals unsharded attention."""
-    from nemodiff_jax.attention import ShardedPallas, chunk_attention
+    from nemodiff_jax.attention import Sharded, chunk_attention
 
     b, t, s, n, k, h = 2, 3, 64, 8, 4, 16
     keys = jax.random.split(jax.random.key(0), 3)
@@ -130,5 +131,5 @@ def test_sharded_kernel_path_falls_back_per_device():
     kc, vc = jax.random.normal(keys[1], (b, s, k, h)), jax.random.normal(keys[2], (b, s, k, h))
     lens = jnp.array([5, 20], jnp.int32)
     want = chunk_attention(q, kc, vc, lens, causal=True, impl="xla")
-    got = chunk_attention(q, kc, vc, lens, causal=True, impl=ShardedPallas(make_mesh(2, 2)))
+    got = chunk_attention(q, kc, vc, lens, causal=True, impl=Sharded(make_mesh(2, 2)))
     assert jnp.allclose(got, want, atol=1e-5)

@@ -32,7 +32,7 @@ class Options:
     threshold: float = 0.9  # diffusion unmask threshold; linear_spec draft threshold (0 = one draft pass)
     steps: int | None = None  # diffusion: max denoise steps per block (default: block size)
     mask_id: int = 100
-    attn_impl: object = "auto"  # "auto" | "xla" | "pallas" | attention.ShardedPallas
+    attn_impl: object = "auto"  # "auto" | "xla" | "pallas" | "cudnn" | attention.Sharded
 
 
 @jax.tree_util.register_dataclass
