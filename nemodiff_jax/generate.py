@@ -120,7 +120,7 @@ class Generator:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, "
                              f"{tokens.max()}]")
         with jax.default_matmul_precision(self._precision):
-            out = _logits_fn(self._graphdef, self._params, jnp.asarray(tokens, jnp.int32), causal)
+            out = _logits_fn(self._graphdef, self._params, jnp.asarray(tokens, jnp.int32), causal, self.attn_impl)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -344,13 +344,13 @@ def _prefill_fn(graphdef, params, prompt, lens, keys, max_new, sampling, lora, c
     return initial_state(cache, out_len, keys, max_new, sampling, lora, first, opts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _logits_fn(graphdef, params, tokens, causal):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _logits_fn(graphdef, params, tokens, causal, attn_impl):
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    cache = KVCache.init(model.config, b, t, model.dtype)
+    cache = KVCache.init(model.config, b, _round_up(t, 128), model.dtype)  # capacities as in decoding
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, _ = model(tokens, positions, cache, causal=causal)
+    logits, _ = model(tokens, positions, cache, causal=causal, attn_impl=attn_impl)
     return logits
 
 

@@ -1,11 +1,7 @@
-"""GPU check + benchmark of the Pallas (Mosaic GPU) chunk-attention kernel, at the 8B head config (N=32, K=8, H=128).
+"""GPU benchmark of the attention paths at the 8B head config (N=32, K=8, H=128). The compiled kernels'
+correctness cases are pytest's: `python3 -P -m pytest -m gpu tests/test_gpu.py`.
 
-1. Correctness of the compiled kernel against the pure-jnp reference: B in {1, 8, 64}, contexts {100, 1000, 4096,
-   32768 (B <= 8)}, T in {1, 32}, both masks, ragged lengths that are not multiples of the KV block (one row at full
-   capacity), NaN in every slot past the kernel's load horizon max(round_up(limit, 8), block_kv) and large finite
-   values between the limit and that horizon. Also
-   the `pv_from_smem` variant (the exact code the CPU interpreter test runs) and a few block configs.
-2. Attention time per layer (device time via CUPTI, `jax.experimental.mosaic.gpu.profiler.measure`; falls back to
+Attention time per layer (device time via CUPTI, `jax.experimental.mosaic.gpu.profiler.measure`; falls back to
    wall clock over a chained on-device loop) of: the Pallas kernel (+ its jnp prologue/combine), the XLA path
    (`nemodiff_jax.attention.chunk_attention(impl="xla")`, jitted) and cuDNN (`jax.nn.dot_product_attention(
    implementation="cudnn")`: kv seq lengths for T=1 and bidirectional T=32, a boolean mask for causal T=32, whose
@@ -14,8 +10,8 @@
 Every case is wrapped in try/except (errors printed verbatim, first traceback of each distinct error in full), and
 a wall-clock budget stops starting new cases so the run ends in time. JSON to --out; markdown tables printed last.
 
-    python scripts/gpu_kernels.py --out $OUT/gpu_kernels.json
-    python scripts/gpu_kernels.py --out /tmp/k.json --quick     # a few cases of each part
+    python3 -P benchmarks/attention_kernels.py --out $OUT/attention_kernels.json
+    python3 -P benchmarks/attention_kernels.py --out /tmp/k.json --quick     # a few cases
 """
 
 from __future__ import annotations
@@ -26,26 +22,20 @@ import functools
 import json
 import platform
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from nemodiff_jax.attention import chunk_attention, chunk_mask  # noqa: E402
-from nemodiff_jax.pallas_kernels.chunk_attention import (BlockSizes, chunk_attention_pallas,  # noqa: E402
-                                            chunk_attention_reference, grid_plan)
+from nemodiff_jax.attention import chunk_attention
+from nemodiff_jax.pallas_kernels.chunk_attention import BlockSizes, chunk_attention_pallas
 
 N_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-POISON_K, POISON_V = 100.0, 1e4
 T0 = time.perf_counter()
 _seen_errors: set[str] = set()
-RESULTS: dict = dict(env={}, correctness=[], timing=[], variants=[])  # saved after every case
+RESULTS: dict = dict(env={}, timing=[], variants=[])  # saved after every case
 OUT: Path | None = None
 CASE_TIMEOUT_S = 150.0
 
@@ -93,37 +83,12 @@ def _normal(key, shape, dtype):
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("t", "block_kv", "nan"))
-def _poison(k, v, lengths, *, t, block_kv, nan):
-    """Slots >= limit get large finite values; with nan, slots past the kernel's load horizon
-    max(round_up(limit, 8), block_kv) get NaN."""
-    s = k.shape[1]
-    slot = jnp.arange(s)[None, :, None, None]
-    limit = (lengths + t)[:, None, None, None]
-    k = jnp.where(slot >= limit, jnp.asarray(POISON_K, k.dtype), k)
-    v = jnp.where(slot >= limit, jnp.asarray(POISON_V, v.dtype), v)
-    if nan:
-        far = slot >= jnp.maximum((limit + 7) // 8 * 8, block_kv)
-        k = jnp.where(far, jnp.asarray(jnp.nan, k.dtype), k)
-        v = jnp.where(far, jnp.asarray(jnp.nan, v.dtype), v)
-    return k, v
-
-
 def make_case(b, t, s, lengths, seed=0, dtype=jnp.bfloat16):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     q = _normal(kq, (b, t, N_HEADS, HEAD_DIM), dtype)
     k = _normal(kk, (b, s, KV_HEADS, HEAD_DIM), dtype)
     v = _normal(kv, (b, s, KV_HEADS, HEAD_DIM), dtype)
     return q, k, v, jnp.asarray(lengths, jnp.int32)
-
-
-def ragged_lengths(b, t, s, block_kv, seed):
-    """Row 0 at full capacity; the others random in [s/2, s-t], nudged off multiples of block_kv."""
-    rng = np.random.default_rng(seed)
-    top = s - t
-    ls = [top] + [int(rng.integers(top // 2, top + 1)) for _ in range(b - 1)]
-    ls = [x - 1 if (x + t) % block_kv == 0 and x > 0 else x for x in ls]
-    return ls
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -158,10 +123,9 @@ def device_time_ms(fn, args, iters: int) -> tuple[float, str, list | None]:
     return statistics.median(ts) * 1e3, "wall_chained", None
 
 
-# Block configs checked for correctness (B=8, ctx=1000) and timed at a few shapes, to pick the default.
+# Block configs timed at a few shapes, to pick the default.
 VARIANTS = [BlockSizes(pv_from_smem=True), BlockSizes(64, 2), BlockSizes(32, 6), BlockSizes(128, 2),
             BlockSizes(64, 3, num_splits=1), BlockSizes(64, 3, num_splits=7)]
-_reference = jax.jit(chunk_attention_reference, static_argnames="causal")
 INTERPRET = False  # --interpret: CPU smoke run of this script (GPU interpreter, tiny case lists)
 
 
@@ -174,75 +138,11 @@ def xla_fn(causal):
 
 
 def cudnn_fn(causal):
-    def f(q, k, v, lengths):
-        t, s = q.shape[1], k.shape[1]
-        if causal and t > 1:  # bottom-right causal: only expressible as a mask (becomes a bias in cuDNN)
-            mask = chunk_mask(lengths, t, s, True)[:, None]  # [B, 1, T, S]
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths + t, implementation="cudnn")
-    return jax.jit(f)
+    """The library's cuDNN path (kv lengths; for causal T > 1 also the bottom-right mask, as a bias)."""
+    return jax.jit(functools.partial(chunk_attention, causal=causal, impl="cudnn"))
 
 
 # ---------------------------------------------------------------------------------------------------- parts
-
-
-def check_case(b, t, ctx, causal, block, seed):
-    s = (ctx + 37 + 7) // 8 * 8  # capacity (a multiple of 8, as the kernel requires), not of the block
-    lengths = ragged_lengths(b, t, s, block.block_kv, seed)
-    q, k, v, lens = make_case(b, t, s, lengths, seed)
-    k, v = _poison(k, v, lens, t=t, block_kv=block.block_kv, nan=True)
-    out = jax.block_until_ready(pallas_fn(causal, block)(q, k, v, lens))
-    ref = _reference(q, k, v, lens, causal=causal)
-    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    finite = bool(np.isfinite(out32).all())
-    abs_err = float(np.nanmax(np.abs(out32 - ref32))) if finite else float("nan")
-    scale = float(np.abs(ref32).max())
-    rel = abs_err / scale if finite else float("nan")
-    return dict(B=b, T=t, context=ctx, capacity=s, causal=causal, block=str(block), lengths_head=lengths[:4],
-                splits=grid_plan(b, t, N_HEADS, KV_HEADS, s, block).splits,
-                finite=finite, max_abs_err=abs_err, ref_scale=scale, max_rel_err=rel,
-                ok=bool(finite and rel < 2e-2))
-
-
-def correctness(args, deadline):
-    default = BlockSizes()
-    cases = []
-    combos = [(8, 1000), (1, 100), (64, 4096), (8, 4096), (1, 1000), (64, 100), (1, 32768), (8, 32768),
-              (64, 1000), (1, 4096), (8, 100)]
-    if args.quick:
-        combos = [(8, 1000), (1, 100), (1, 4096)]
-    if INTERPRET:
-        combos = [(1, 100)]
-    variants = VARIANTS[: 0 if INTERPRET else 2 if args.quick else None]
-    # the first shape under the default, then under the variant the CPU interpreter ran, then the rest
-    for b, ctx, blk in [combos[0] + (default,)] + [(8, 1000, v) for v in variants[:1]] + \
-            [c + (default,) for c in combos[1:]] + [(8, 1000, v) for v in variants[1:]]:
-        for t in (32, 1):
-            for causal in (True, False):
-                cases.append((b, t, ctx, causal, blk))
-    results = RESULTS["correctness"]
-    for i, (b, t, ctx, causal, blk) in enumerate(cases):
-        if time.perf_counter() > deadline:
-            results.append(dict(B=b, T=t, context=ctx, causal=causal, block=str(blk), skipped="time budget"))
-            continue
-        what = f"check B={b} T={t} ctx={ctx} causal={causal} {blk}"
-        r = dict(B=b, T=t, context=ctx, causal=causal, block=str(blk), status="running")
-        results.append(r)  # saved before the run: a hang leaves this row marked "running"
-        save()
-        try:
-            with watchdog():
-                r.update(check_case(b, t, ctx, causal, blk, seed=i))
-            log(f"{'ok  ' if r['ok'] else 'FAIL'} {what}: max rel err {r['max_rel_err']:.3g} "
-                f"(abs {r['max_abs_err']:.3g}, finite={r['finite']})")
-        except Exception as e:  # noqa: BLE001
-            if "exceeds available shared memory" in str(e):
-                r["skipped"] = str(e)[:200]
-                log(f"skip {what}: {str(e)[:200]}")
-            else:
-                r.update(error=report_error(what, e), ok=False)
-        del r["status"]
-    save()
-    return results
 
 
 def kv_cache_bytes(b: int, ctx: int) -> int:
@@ -335,18 +235,8 @@ def timing_variants(args, deadline):
     return results
 
 
-def markdown(check, times, variants) -> str:
+def markdown(times, variants) -> str:
     lines = []
-    bad = [r for r in check if not r.get("ok") and "skipped" not in r]
-    done = [r for r in check if "max_rel_err" in r]
-    worst = max((r["max_rel_err"] for r in done if r["finite"]), default=float("nan"))
-    lines.append(f"correctness: {len(done) - len([r for r in done if not r['ok']])}/{len(done)} ok, "
-                 f"{len([r for r in check if 'error' in r])} errors, "
-                 f"{len([r for r in check if 'skipped' in r])} skipped; worst max rel err {worst:.3g}")
-    for r in bad[:10]:
-        lines.append(f"  not ok: {json.dumps({k: r[k] for k in r if k != 'error'})} "
-                     f"{r.get('error', '').splitlines()[0][:200] if r.get('error') else ''}")
-    lines.append("")
     lines.append("| T | mask | B | context | pallas us | xla us | cudnn us | vs xla | vs cudnn | pallas GB/s |")
     lines.append("|---|------|---|---------|-----------|--------|----------|--------|----------|-------------|")
     for r in sorted(times, key=lambda r: (r.get("T", 0), not r.get("causal"), r["context"], r["B"])):
@@ -371,11 +261,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this")
-    ap.add_argument("--check-share", type=float, default=0.35, help="part of the budget for correctness")
     ap.add_argument("--variant-share", type=float, default=0.12, help="part of the budget for block variants")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="CPU smoke run of the script itself")
     ap.add_argument("--case-timeout-s", type=float, default=150.0, help="a case past this ends the run")
@@ -397,13 +285,11 @@ def main():
         log("WARNING: not a GPU; the compiled Mosaic GPU kernel cannot run here")
 
     start = time.perf_counter()
-    check_deadline = start + args.budget_s * args.check_share
-    check = [] if args.skip_check else correctness(args, check_deadline)
     times = [] if args.skip_timing else timing(args, start + args.budget_s * (1 - args.variant_share))
     variants = [] if args.skip_timing else timing_variants(args, start + args.budget_s)
     save()
     log(f"wrote {args.out}")
-    print(markdown(check, times, variants), flush=True)
+    print(markdown(times, variants), flush=True)
 
 
 if __name__ == "__main__":
