@@ -1,19 +1,34 @@
-# `make run` and `make test` set everything up on a fresh machine (Python 3.12 via pyenv's .python-version).
+# `make run`, `make test` and `make bench` set everything up on a fresh machine: $(VENV) with the exact locked
+# dependency set (requirements.lock, from scripts/lock.sh; plus requirements-cuda.lock, the jax[cuda13] plugin and
+# NVIDIA runtime wheels, when nvidia-smi runs), then this checkout installed editable on top of it (--no-deps).
+# Any Python >= 3.12, the same rule as pyproject.toml's requires-python (.python-version picks 3.12.1 under pyenv).
+# Override with e.g. `make test PYTHON=python3.13 VENV=/tmp/venv`.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCKS := requirements.lock requirements-cuda.lock
+CHECK_PYTHON = $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else "Python >= 3.12 is required (pyproject.toml requires-python); PYTHON=$(PYTHON) is Python %d.%d.%d (%s). Set PYTHON=python3.12 or newer." % (v[0], v[1], v[2], sys.executable))'
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv python-check clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12), f"need Python 3.12, found {sys.version}"' \
-	  || (echo "Python 3.12 is required (pyenv install 3.12 / set PYTHON=python3.12)"; exit 1)
+python-check:
+	@$(CHECK_PYTHON)
+
+$(STAMP): pyproject.toml $(LOCKS)
+	@$(CHECK_PYTHON)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	@if nvidia-smi >/dev/null 2>&1; then \
+	  echo "nvidia-smi runs: installing requirements.lock + requirements-cuda.lock (jax[cuda13])"; \
+	  $(PY) -m pip install -q -r requirements.lock -r requirements-cuda.lock; \
+	else \
+	  echo "no NVIDIA GPU (nvidia-smi): installing requirements.lock (CPU)"; \
+	  $(PY) -m pip install -q -r requirements.lock; \
+	fi
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,7 +38,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py --out docs/bench.json
+	$(PY) -m nemodiff_jax.cli bench --out bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemodiff_jax.convert.safetensors_io import CheckpointError, Reader, read_header, write_file
 from nemodiff_jax.config import Config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,6 +35,9 @@ class LoRA:
 
 def load_lora(path: str | Path, cfg: Config, dtype=jnp.bfloat16) -> LoRA:
     """Loads a PEFT adapter directory strictly; errors name the file and the tensor."""
+    # The safetensors reader lives in the converter, imported on use: `import nemodiff_jax` loads no converter.
+    from nemodiff_jax.convert.safetensors_io import CheckpointError, Reader, read_header
+
     path = Path(path)
     cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.exists():
@@ -81,6 +83,8 @@ def load_lora(path: str | Path, cfg: Config, dtype=jnp.bfloat16) -> LoRA:
 
 def save_lora(lora: LoRA, path: str | Path, cfg: Config) -> Path:
     """Writes a PEFT-format adapter directory (o_proj only)."""
+    from nemodiff_jax.convert.safetensors_io import write_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
