@@ -1,6 +1,6 @@
 """Latency of one small all-reduce over the "model" axis, as tensor-parallel decode issues them (2 per layer).
 
-    python scripts/allreduce_latency.py --tp 2 --sizes 5120 163840
+    python3 -P benchmarks/allreduce_latency.py --tp 2 --sizes 5120 163840
 
 Times a chain of dependent psums (each feeds the next, so none can merge or overlap) inside one jit, with
 XLA's default all-reduce and with the one-shot kernel option (xla_gpu_unsupported_use_all_reduce_one_shot_kernel:

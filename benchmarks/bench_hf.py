@@ -1,7 +1,7 @@
 """Baseline a user would otherwise reach for: transformers' `Ministral3ForCausalLM` (the NLD backbone) at a
 real NLD shape, eager attention, bf16, batch 1, random weights on the GPU. Greedy AR decode tokens/s.
 
-    python3 scripts/bench_hf.py --size 8B --out $OUT/hf.json      # needs torch + transformers (GPU machine)
+    python3 -P benchmarks/bench_hf.py --size 8B --out $OUT/hf.json      # needs torch + transformers (GPU machine)
 """
 
 from __future__ import annotations

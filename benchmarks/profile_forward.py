@@ -1,6 +1,6 @@
 """Per-kernel device time of n forwards (random weights), from a jax.profiler trace read back in-process.
 
-    python scripts/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt --hlo-out $OUT/tp2.hlo
+    python3 -P benchmarks/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt --hlo-out $OUT/tp2.hlo
 
 Prints the busiest GPU ops per device (total us per forward, count per forward) and the step time, so a
 forward's time can be split into GEMV / attention / collectives / small kernels without external tools.
@@ -19,8 +19,6 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 DUMP_DIR = None
 if "--hlo-out" in sys.argv:  # XLA reads its flags once, when the backend starts: set the dump before jax loads
     DUMP_DIR = tempfile.mkdtemp(prefix="xla_dump_")
@@ -29,7 +27,7 @@ if "--hlo-out" in sys.argv:  # XLA reads its flags once, when the backend starts
 
 import jax  # noqa: E402
 
-import bench  # noqa: E402
+from nemodiff_jax import bench  # noqa: E402
 from nemodiff_jax.config import PRESETS  # noqa: E402
 from nemodiff_jax.sharding import make_mesh  # noqa: E402
 
@@ -148,17 +146,16 @@ def main():
     p.add_argument("--hlo-out", default=None, help="write the forward loop's optimized HLO text here")
     p.add_argument("--trace-out", default=None, help="save the trace (xplane.pb, gzipped) here")
     a = p.parse_args()
-    if a.mesh:
-        bench.MESH = make_mesh(*a.mesh)
+    mesh = make_mesh(*a.mesh) if a.mesh else None
     cfg = PRESETS[a.size]
-    model = bench.make_model(cfg)
+    model = bench.make_model(cfg, mesh)
     n, traced_loops = 16, 3
-    impl = bench._resolve(a.attn, cfg)
-    dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=impl, n=n)
+    impl = bench.resolve_attn(a.attn, cfg, mesh)
+    dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=impl, n=n, mesh=mesh)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):  # the same compiled loop (bench caches it): 1 warmup + 2 timed loops
             bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=impl, n=n,
-                                warmup=1, iters=traced_loops - 1)
+                                warmup=1, iters=traced_loops - 1, mesh=mesh)
         path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
         if a.trace_out:
             with open(path, "rb") as src, gzip.open(a.trace_out, "wb") as dst:

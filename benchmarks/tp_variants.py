@@ -1,7 +1,7 @@
 """ms per forward of the 14B decode step under XLA compiler-option variants, for several tensor-parallel
 degrees in one process (each model built once, on its own devices), so every ratio compares like with like.
 
-    python scripts/tp_variants.py --tp 1 2 4 --batches 1 32
+    python3 -P benchmarks/tp_variants.py --tp 1 2 4 --batches 1 32
 
 TP=1 runs on the last visible GPU, TP=n on the first n. Each variant recompiles the same forward loop with
 `jax.jit(..., compiler_options=...)` and must give the same summed logits as the default (checked).
@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from nemodiff_jax import bench
+from nemodiff_jax.config import PRESETS
+from nemodiff_jax.sharding import make_mesh
 
-import bench  # noqa: E402
-from nemodiff_jax.config import PRESETS  # noqa: E402
-from allreduce_latency import ONE_SHOT  # noqa: E402
-from nemodiff_jax.sharding import make_mesh  # noqa: E402
-
+# XLA's one-shot all-reduce kernel option, as in allreduce_latency.py (benchmarks/ is not a package: each script
+# stands alone)
+ONE_SHOT = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True}
 CB = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 VARIANTS = {
     "default": {},
@@ -49,14 +47,14 @@ def main(argv=None):
     rows = []
     for tp in a.tp:
         if tp == 1:
-            bench.MESH = None
+            mesh = None
             ctx = jax.default_device(devices[-1])
         else:
-            bench.MESH = make_mesh(1, tp, devices[:tp])
+            mesh = make_mesh(1, tp, devices[:tp])
             ctx = jax.default_device(devices[0])
         with ctx:
-            model = bench.make_model(cfg)
-            impl = bench._resolve("auto", cfg)
+            model = bench.make_model(cfg, mesh)
+            impl = bench.resolve_attn("auto", cfg, mesh)
             for batch in a.batches:
                 ref = None
                 for name in a.variants:
@@ -65,7 +63,8 @@ def main(argv=None):
                     info = {}
                     try:
                         ms = 1e3 * bench.bench_forward(model, cfg, batch, a.context, 1, True, attn_impl=impl,
-                                                       compiler_options=VARIANTS[name] or None, info=info)
+                                                       compiler_options=VARIANTS[name] or None, info=info,
+                                                       mesh=mesh)
                     except Exception as e:  # a variant this XLA rejects: report it, go on
                         print(f"tp={tp} b={batch} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
@@ -78,7 +77,6 @@ def main(argv=None):
                             json.dump({"device": devices[0].device_kind, "size": a.size, "context": a.context,
                                        "rows": rows}, f, indent=1)
         del model
-    bench.MESH = None
     base = {r["batch"]: r["ms_per_forward"] for r in rows if r["tp"] == 1 and r["variant"] == "default"}
     print(f"\n{devices[0].device_kind}, {a.size}, T=1, context {a.context}")
     print("| TP | batch | variant | ms/forward | speedup vs 1 GPU | same logits |\n| --- | --- | --- | --- | --- | --- |")

@@ -1,4 +1,4 @@
-"""`nemodiff` command line: convert, generate, demo (the `make run` job) and batch."""
+"""`nemodiff` command line: convert, generate, demo (the `make run` job), batch and bench (the `make bench` job)."""
 
 from __future__ import annotations
 
@@ -146,6 +146,16 @@ def cmd_batch(args) -> int:
     return run_batch_job(args)
 
 
+def cmd_bench(args) -> int:
+    from nemodiff_jax import bench
+
+    bench.run(bench.Settings(
+        sizes=args.sizes, contexts=args.contexts, batches=args.batches, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, modes=args.modes, mode_new_tokens=args.mode_new_tokens, embedded=args.embedded,
+        attn=args.attn, mesh=tuple(args.mesh) if args.mesh else None, out=args.out, md=args.md))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemodiff", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -205,6 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-host: call jax.distributed.initialize(); each process takes every N-th line and "
                          "should write its own --output")
     bt.set_defaults(fn=cmd_batch)
+
+    from nemodiff_jax.config import PRESETS
+
+    bn = sub.add_parser(
+        "bench", help="benchmark: HBM roofline probes, forward and end-to-end decode at real shapes (make bench)",
+        description="Random bf16 weights of a real NLD shape made on the device (no checkpoint): the HBM limit "
+                    "(best measured copy, with the datasheet figure), one forward at T=1 / T=32 per context, "
+                    "end-to-end tokens/s per mode and batch. Unset sizes/contexts/batches/lengths: with --sizes "
+                    "auto on a CPU, the embedded model's shape at small settings (about a minute on 2 cores); "
+                    "otherwise contexts 1024 4096 16384, batches 1 8 32 64, prompt 512, 128 AR / 64 mode tokens.")
+    bn.add_argument("--sizes", nargs="+", default=["auto"], choices=["auto", "embedded", *sorted(PRESETS)],
+                    help="model shapes (auto: embedded on a CPU, 8B on a GPU; embedded: assets/config.json)")
+    bn.add_argument("--contexts", nargs="*", type=int, default=None,
+                    help="cache lengths of the forward table (the flag with no values: skip it)")
+    bn.add_argument("--batches", nargs="+", type=int, default=None)
+    bn.add_argument("--prompt-len", type=int, default=None)
+    bn.add_argument("--new-tokens", type=int, default=None, help="new tokens per row for ar")
+    bn.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="decoding modes timed end to end")
+    bn.add_argument("--mode-new-tokens", type=int, default=None,
+                    help="new tokens per row for diffusion / linear_spec (32-token forwards: costlier)")
+    bn.add_argument("--embedded", action="store_true", help="also run the embedded model (real weights) per mode")
+    bn.add_argument("--attn", nargs="+", default=["auto"], choices=["auto", "xla", "pallas", "cudnn"],
+                    help="attention implementations to time (nemodiff_jax.attention.chunk_attention impl)")
+    bn.add_argument("--mesh", nargs=2, type=int, metavar=("DATA", "MODEL"), default=None,
+                    help="run on a (data, model) mesh, e.g. --mesh 1 2 for tensor parallel over 2 GPUs")
+    bn.add_argument("--out", default="bench.json", help="JSON report, rewritten after every measurement")
+    bn.add_argument("--md", default=None, help="also write the markdown tables here")
+    bn.set_defaults(fn=cmd_bench)
     return p
 
 
