@@ -2,12 +2,15 @@
 # dependency set (requirements.lock, from scripts/lock.sh; plus requirements-cuda.lock, the jax[cuda13] plugin and
 # NVIDIA runtime wheels, when nvidia-smi runs), then this checkout installed editable on top of it (--no-deps).
 # Any Python >= 3.12, the same rule as pyproject.toml's requires-python (.python-version picks 3.12.1 under pyenv).
-# Override with e.g. `make test PYTHON=python3.13 VENV=/tmp/venv`.
+# Override with e.g. `make test PYTHON=python3.13 VENV=/tmp/venv`. LOCKED=0 installs from pyproject.toml's ranges
+# instead of the locks (for a machine whose own packages or wheel folder must serve, e.g. an offline GPU box:
+# `PIP_NO_INDEX=1 PIP_FIND_LINKS=wheels/ make run LOCKED=0 VENV=venv-made-with---system-site-packages`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCKS := requirements.lock requirements-cuda.lock
+LOCKED ?= 1
 CHECK_PYTHON = $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else "Python >= 3.12 is required (pyproject.toml requires-python); PYTHON=$(PYTHON) is Python %d.%d.%d (%s). Set PYTHON=python3.12 or newer." % (v[0], v[1], v[2], sys.executable))'
 
 .PHONY: run test bench venv python-check clean
@@ -21,14 +24,20 @@ $(STAMP): pyproject.toml $(LOCKS)
 	@$(CHECK_PYTHON)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@if nvidia-smi >/dev/null 2>&1; then \
-	  echo "nvidia-smi runs: installing requirements.lock + requirements-cuda.lock (jax[cuda13])"; \
-	  $(PY) -m pip install -q -r requirements.lock -r requirements-cuda.lock; \
+	@if nvidia-smi >/dev/null 2>&1; then gpu=1; extra=cuda,test; else gpu=0; extra=test; fi; \
+	if [ "$(LOCKED)" = 1 ]; then \
+	  if [ $$gpu = 1 ]; then \
+	    echo "nvidia-smi runs: installing requirements.lock + requirements-cuda.lock (jax[cuda13])"; \
+	    $(PY) -m pip install -q -r requirements.lock -r requirements-cuda.lock || exit 1; \
+	  else \
+	    echo "no NVIDIA GPU (nvidia-smi): installing requirements.lock (CPU)"; \
+	    $(PY) -m pip install -q -r requirements.lock || exit 1; \
+	  fi; \
+	  $(PY) -m pip install -q --no-deps --no-build-isolation -e ".[$$extra]"; \
 	else \
-	  echo "no NVIDIA GPU (nvidia-smi): installing requirements.lock (CPU)"; \
-	  $(PY) -m pip install -q -r requirements.lock; \
+	  echo "LOCKED=0: installing .[$$extra] from pyproject.toml's ranges"; \
+	  $(PY) -m pip install -q --no-build-isolation -e ".[$$extra]"; \
 	fi
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)

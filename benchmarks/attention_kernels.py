@@ -124,8 +124,8 @@ def device_time_ms(fn, args, iters: int) -> tuple[float, str, list | None]:
 
 
 # Block configs timed at a few shapes, to pick the default.
-VARIANTS = [BlockSizes(pv_from_smem=True), BlockSizes(64, 2), BlockSizes(32, 6), BlockSizes(128, 2),
-            BlockSizes(64, 3, num_splits=1), BlockSizes(64, 3, num_splits=7)]
+VARIANTS = [BlockSizes(pv_from_smem=True), BlockSizes(64, 2), BlockSizes(64, 2, num_splits=3),
+            BlockSizes(128, 1), BlockSizes(64, 3, num_splits=1), BlockSizes(64, 3, num_splits=7)]
 INTERPRET = False  # --interpret: CPU smoke run of this script (GPU interpreter, tiny case lists)
 
 

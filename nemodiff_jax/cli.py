@@ -113,7 +113,12 @@ def cmd_demo(args) -> int:
         rows.append(row)
     ar_tokens = [r.tokens for r in gen.generate(prompts, mode="ar", max_new_tokens=args.max_new_tokens)]
     ls_tokens = [r.tokens for r in gen.generate(prompts, mode="linear_spec", max_new_tokens=args.max_new_tokens)]
+    from nemodiff_jax.attention import DeviceInfo, choose_impl
+
+    device = DeviceInfo.of()
+    chunk_path = choose_impl(device, gen.dtype, gen.config.head_dim, len(prompts), gen.config.block_size, 256, True)
     print(f"\nmodel: {path}  batch {len(prompts)}  max_new_tokens {args.max_new_tokens}  dtype {args.dtype}")
+    print(f"device: {device}  attention: {chunk_path} (a {gen.config.block_size}-token chunk)")
     print(f"{'mode':<12} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8} {'acc/round':>10} {'steps/blk':>10}")
     for r in rows:
         print(f"{r['mode']:<12} {r['tokens']:>7} {r['tokens/forward']:>8.2f} {r['batch tok/s']:>8.1f} "

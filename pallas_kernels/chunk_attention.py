@@ -49,6 +49,9 @@ MAX_COMPUTE_WGS = 2  # 2 compute + 1 memory warpgroup, registers split 232/232/4
 MASK_VALUE = -1e30  # finite: a block fully masked for a row gives exp2(0), later erased by alpha = 0, never NaN
 LOG2E = math.log2(math.e)
 TMA_ROWS = 8  # SMEM tile rows: a tiled TMA copy starts on a multiple of this; so must the cache capacity be
+WGMMA_K = 64  # compiled: block_kv (PV's K) a multiple of this (wgmma's K step; 32 fails layout inference)
+SMEM_BYTES = 232448  # per CTA on Hopper (227 KiB)
+SMEM_RESERVE = 4096  # barriers and Mosaic GPU's own scratch (seen on an H200: 3152 bytes beyond smem_bytes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,27 @@ def auto_num_splits(batch: int, grid_heads: int, capacity: int, block: BlockSize
         return block.num_splits
     ctas = batch * grid_heads
     return max(1, min(block.num_sms // max(ctas, 1), pl.cdiv(capacity, block.block_kv), 64))
+
+
+def smem_bytes(block: BlockSizes, compute_wgs: int, head_dim: int, itemsize: int, pv_from_smem: bool) -> int:
+    """The kernel's SMEM buffers per CTA: q, the K/V ring, the f32 accumulator, m/l and (pv_from_smem) P."""
+    rows = compute_wgs * ROWS_PER_WG
+    ring = 2 * block.max_concurrent_steps * block.block_kv * head_dim * itemsize
+    p = rows * block.block_kv * itemsize if pv_from_smem else 0
+    return rows * head_dim * itemsize + ring + rows * head_dim * 4 + 2 * rows * 4 + p
+
+
+def check_block(block: BlockSizes, compute_wgs: int, head_dim: int, itemsize: int, pv_from_smem: bool):
+    """Configurations the compiler rejects (seen on an H200), as clear errors before it runs. The interpreter
+    takes any block_kv that is a multiple of 16 (the CPU tests use 32 to wrap the ring quickly)."""
+    if block.block_kv % WGMMA_K:
+        raise ValueError(f"the compiled kernel needs {block.block_kv=} to be a multiple of {WGMMA_K} (wgmma's K "
+                         f"step for P @ V)")
+    need = smem_bytes(block, compute_wgs, head_dim, itemsize, pv_from_smem) + SMEM_RESERVE
+    if need > SMEM_BYTES:
+        raise ValueError(f"{block} needs ~{need} bytes of shared memory per CTA at head_dim {head_dim} with "
+                         f"{compute_wgs} compute warpgroups; a Hopper CTA has {SMEM_BYTES}: use fewer "
+                         f"max_concurrent_steps or a smaller block_kv")
 
 
 def _smem_transforms(minor: int, dtype) -> tuple:
@@ -301,6 +325,9 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     plan = grid_plan(b, t, n, kh, s, block)
     compute_wgs, q_tiles, heads, splits, rows_io = (plan.compute_wgs, plan.q_tiles, plan.heads, plan.splits,
                                                     plan.rows_io)
+    pv_from_smem = block.pv_from_smem or bool(interpret)
+    if not interpret:
+        check_block(block, compute_wgs, h, jnp.dtype(q.dtype).itemsize, pv_from_smem)
 
     # [B,T,K,G,H] -> [B,K,T*G,H] (row r = t*G + g), zero-padded to whole tiles -> [B, K*q_tiles, RIO, H]
     qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, n_rows, h)
@@ -309,7 +336,6 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
     steps = block.max_concurrent_steps
     f32 = jnp.float32
-    pv_from_smem = block.pv_from_smem or interpret
     p_scratch = (plgpu.SMEM((compute_wgs, ROWS_PER_WG, block.block_kv), q.dtype,
                             transforms=_smem_transforms(block.block_kv, q.dtype)) if pv_from_smem else None)
     kernel = functools.partial(

@@ -87,8 +87,8 @@ def assert_close(out, ref, what):
 # (B, context): the kernel's split-KV plans differ by batch (1: many splits; 64: one) and context
 SHAPES = [(8, 1000), (1, 100), (64, 4096), (8, 4096), (1, 1000), (64, 100), (1, 32768), (8, 32768)]
 MASKS = [(32, True), (32, False), (1, True)]
-VARIANTS = [BlockSizes(pv_from_smem=True), BlockSizes(64, 2), BlockSizes(32, 6), BlockSizes(128, 2),
-            BlockSizes(64, 3, num_splits=1), BlockSizes(64, 3, num_splits=7)]
+VARIANTS = [BlockSizes(pv_from_smem=True), BlockSizes(64, 2), BlockSizes(64, 2, num_splits=3),
+            BlockSizes(128, 1), BlockSizes(64, 3, num_splits=1), BlockSizes(64, 3, num_splits=7)]
 
 
 def _ids(p):

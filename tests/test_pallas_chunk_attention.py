@@ -100,6 +100,7 @@ LOWERINGS = [dict(t=t, causal=c, block=BlockSizes()) for t in (1, 32) for c in (
     dict(t=32, causal=True, block=BlockSizes(pv_from_smem=True)),  # the variant the interpreter runs
     dict(t=32, causal=True, block=BlockSizes(), n=64),  # GQA 8: two query tiles per kv head
     dict(t=1, causal=True, block=BlockSizes(128, 2), dtype=jnp.float16),
+    dict(t=32, causal=True, block=BlockSizes(128, 1)),
 ]
 
 
@@ -141,3 +142,14 @@ def test_bad_input():
                                causal=True)
     with pytest.raises(ValueError, match="block_kv"):
         BlockSizes(block_kv=24)
+    # configurations the Mosaic GPU compiler rejects (seen on an H200) are clear errors before it runs
+    q8b = jnp.zeros((1, 32, 32, 128), jnp.bfloat16)
+    k8b = jnp.zeros((1, 1024, 8, 128), jnp.bfloat16)
+    lens1 = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        chunk_attention_pallas(q8b, k8b, k8b, lens1, causal=True, block=BlockSizes(32, 6))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        chunk_attention_pallas(q8b, k8b, k8b, lens1, causal=True, block=BlockSizes(32, 6, pv_from_smem=True))
+    for block in (BlockSizes(128, 2), BlockSizes(64, 4)):  # 2 compute warpgroups at T=32, G=4, H=128
+        with pytest.raises(ValueError, match="shared memory"):
+            chunk_attention_pallas(q8b, k8b, k8b, lens1, causal=True, block=block)
