@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if nvidia-smi >/dev/null 2>&1; then gpu=1; extra=cuda,test; else gpu=0; extra=test; fi; \
+	if [ $$gpu = 1 ] && $(PY) -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; then \
+	  echo "jax in $(VENV) already runs on the GPU: keeping it (no cuda extra)"; gpu=0; extra=test; fi; \
 	if [ "$(LOCKED)" = 1 ]; then \
 	  if [ $$gpu = 1 ]; then \
 	    echo "nvidia-smi runs: installing requirements.lock + requirements-cuda.lock (jax[cuda13])"; \
