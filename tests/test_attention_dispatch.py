@@ -141,3 +141,32 @@ cuDNN run itself is tests/test_gpu.py's)."""
         want = attn.chunk_attention(q, kc, vc, lens, causal=causal, impl="xla")
         got = attn.cudnn_chunk_attention(q, kc, vc, lens, causal=causal, implementation="xla")
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform")
+def test_mesh_applies_the_table_per_device(monkeypatch):
+    """Under a mesh of (pretend) GPUs attention runs per device in shard_map, and the table decides on each
+    device's own shapes: rows / data, kv heads / model. The devices are described as RTX 4090s (cuDNN; the
+    path function is a recorder, the real one cannot run on a CPU)."""
+    from nemodiff_jax.sharding import make_mesh
+
+    monkeypatch.setattr(attn, "_describe", lambda device: RTX4090)
+    seen = []
+
+    def record(q, k, v, lengths, *, causal):
+        seen.append((q.shape, k.shape, lengths.shape, causal))
+        return q
+
+    monkeypatch.setattr(attn, "cudnn_chunk_attention", record)
+    mesh = make_mesh(2, 2)
+    impl = attn.mesh_impl(mesh, num_kv_heads=2)
+    assert impl == attn.Sharded(mesh, "auto")
+    q = jnp.ones((4, 1, 4, 64), BF16)  # B=4 rows, N=4 heads, K=2 kv heads
+    kc = vc = jnp.ones((4, 128, 2, 64), BF16)
+    out = attn.chunk_attention(q, kc, vc, jnp.arange(4, dtype=jnp.int32), causal=True, impl=impl)
+    assert out.shape == q.shape
+    assert seen == [((2, 1, 2, 64), (2, 128, 1, 64), (2,), True)]  # traced once, for one device's block
+    # kv heads that do not split: the partitioner's XLA path; a forced per-device path there is an error
+    assert attn.mesh_impl(make_mesh(1, 4), num_kv_heads=2) == "xla"
+    with pytest.raises(ValueError, match="split evenly"):
+        attn.mesh_impl(make_mesh(1, 4), num_kv_heads=2, impl="cudnn")
