@@ -53,15 +53,14 @@ IMPLS = ("auto", "xla", "pallas", "cudnn")
 #           cuDNN >= 9.11)                                                         a mask for causal T>1)
 #   xla     everywhere (the reference)              any        any                 any
 #
-# "auto" takes the first path that runs and pays: pallas wherever it runs (2-7.5x the XLA path, 1-12x cuDNN on
-# an H200); else cuDNN where it beat XLA on the H200 (docs/PERFORMANCE.md, "Pallas chunk attention"): every
-# T=1 step (1.1-3.8x), bidirectional chunks at batch >= 8 or capacity <= 4096, and causal chunks (cuDNN
-# cannot align its causal mask bottom-right, so these carry a [B,1,T,S] mask) at batch >= 8 or capacity <=
-# 1024; otherwise XLA. ROCm, TPU, CPU and pre-Ampere GPUs take XLA.
+# "auto" takes the first path that runs and pays: pallas wherever it runs (1.1-7.5x the XLA path, up to 14x
+# cuDNN on an H200); else cuDNN where it beat XLA on the H200 (docs/PERFORMANCE.md, 2026-12-01 attention table): every
+# T=1 step (1.2-3.7x), 32-token chunks at batch >= 8 (1.4-2.8x), and bidirectional chunks over short caches
+# (1.3x at 1024 slots, a tie at 4096; causal chunks carry a [B,1,T,S] mask, since cuDNN cannot align its causal
+# mask bottom-right, and lose to XLA at batch 1); otherwise XLA. ROCm, TPU, CPU and pre-Ampere GPUs take XLA.
 
 CUDNN_BATCH = 8  # from this batch on, cuDNN beat XLA on every measured T=32 chunk
-CUDNN_BIDIR_CAPACITY = 4096  # ... and below these capacities at any batch
-CUDNN_CAUSAL_CAPACITY = 1024
+CUDNN_BIDIR_CAPACITY = 2048  # ... and bidirectional chunks up to this capacity at any batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +142,7 @@ def choose_impl(device: DeviceInfo, dtype, head_dim: int, batch: int, t: int, ca
     if why_not("pallas", device, dtype, head_dim, capacity) is None:
         return "pallas"
     if why_not("cudnn", device, dtype, head_dim, capacity) is None:
-        if t == 1 or batch >= CUDNN_BATCH:
-            return "cudnn"
-        if capacity <= (CUDNN_CAUSAL_CAPACITY if causal else CUDNN_BIDIR_CAPACITY):
+        if t == 1 or batch >= CUDNN_BATCH or (not causal and capacity <= CUDNN_BIDIR_CAPACITY):
             return "cudnn"
     return "xla"
 
