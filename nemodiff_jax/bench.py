@@ -40,9 +40,8 @@ from flax import nnx
 from nemodiff_jax.attention import IMPLS
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
-from nemodiff_jax.decoding.common import initial_state, run_device
+from nemodiff_jax.decoding.common import RowSettings, initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model
-from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.sharding import cache_sharding, make_mesh, param_shardings
 
 MODES = ("ar", "diffusion", "linear_spec")
@@ -472,10 +471,10 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
     commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real."""
     from nemodiff_jax.generate import MODES as DECODERS
-    from nemodiff_jax.generate import _round_up, decoding_options
+    from nemodiff_jax.generate import MODE_OPTIONS, _round_up, decoding_options
 
     graphdef, params = nnx.split(model)
-    opts = decoding_options(cfg, mode, {}, (), attn_impl)
+    opts = decoding_options(cfg, mode, {}, attn_impl)
     step = DECODERS[mode].step
     capacity = _round_up(prompt_len + new_tokens + 2 * cfg.block_size + 64, 128)
 
@@ -484,8 +483,10 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
                              lengths=jnp.full((batch,), prompt_len, jnp.int32))
         keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
         first = jnp.full((batch,), 5, jnp.int32)
-        return initial_state(cache, new_tokens + 2 * cfg.block_size, keys, jnp.full((batch,), new_tokens, jnp.int32),
-                             Sampling.make(), None, first, opts)
+        threshold = MODE_OPTIONS[mode].get("threshold", 0.0)  # the Generator's defaults, no stop ids
+        rows = RowSettings.make([new_tokens] * batch, [0.0] * batch, [None] * batch, [None] * batch, [()] * batch,
+                                [threshold] * batch, [opts.block] * batch)
+        return initial_state(cache, new_tokens + 2 * cfg.block_size, keys, rows, None, first)
 
     t0 = time.perf_counter()
     st = run_device(graphdef, params, step, opts, fresh())

@@ -18,13 +18,148 @@ step of this file; the interface above stays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from nemodiff_jax.generate import Generator, Result
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemodiff_jax.cache import KVCache
+from nemodiff_jax.decoding import ar
+from nemodiff_jax.decoding.common import Options, RowSettings, State, initial_state, prefill
+from nemodiff_jax.generate import (MODES, Generator, Result, RowPlan, _bucket, _prefill_fn, _round_up, host_rows,
+                                   row_settings)
+
+
+# ------------------------------------------------------------------ decode slots
+
+
+ROW_FIELDS = ("out", "n_out", "done", "seed", "keys", "rows", "passes", "rounds", "work")  # State's per-row parts
+
+
+def _set_rows(old, new, idx):
+    """old[idx] = new along the leading (row) axis, for arrays and PRNG keys."""
+    if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_set_rows(jax.random.key_data(old), jax.random.key_data(new), idx))
+    return old.at[idx].set(new)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
+def _admit_fn(graphdef, params, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options) -> State:
+    """Prefills only the new rows (idx [k], prompts [k, P]) through the model's attention path into a k-row
+    cache of the prompt's width, then scatters their K/V (P slots per row) and per-row state into the shared
+    state: the other rows' cache is not touched, nor copied."""
+    model = nnx.merge(graphdef, params)
+    k, width = prompt.shape
+    small = KVCache.init(model.config, k, _round_up(width, 128), model.dtype)
+    last, small = prefill(model, prompt, lens, small, opts)
+    first = ar.first_token(last, small, keys, rows.sampling)
+    new = initial_state(small, st.out.shape[1], keys, rows, st.lora, first)
+    slots = jnp.arange(width)[None, :]
+    cache = dataclasses.replace(
+        st.cache, lengths=st.cache.lengths.at[idx].set(lens),
+        k=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.k, small.k)),
+        v=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.v, small.v)))
+    fields = {f: jax.tree.map(lambda a, b: _set_rows(a, b, idx), getattr(st, f), getattr(new, f)) for f in ROW_FIELDS}
+    return dataclasses.replace(st, cache=cache, total_passes=st.total_passes + 1, **fields)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
+def _segment_fn(graphdef, params, step_fn, opts: Options, st: State, max_steps) -> State:
+    """Steps until a row that was running finishes, all are done, or `max_steps` (traced) steps ran."""
+    model = nnx.merge(graphdef, params)
+    done0 = st.done
+
+    def cond(c):
+        s, i = c
+        return ~jnp.all(s.done) & ~jnp.any(s.done & ~done0) & (i < max_steps)
+
+    st, _ = jax.lax.while_loop(cond, lambda c: (step_fn(model, c[0], opts), c[1] + 1), (st, jnp.int32(0)))
+    return st
+
+
+@jax.jit
+def _stop_rows(st: State, stop) -> State:
+    return dataclasses.replace(st, done=st.done | stop)
+
+
+class Pool:
+    """`slots` decode rows of one program (mode, block, policy, drafter): rows of different requests run in
+    one on-device loop, each with its own RowSettings, prompt length and progress. A finished or cancelled
+    row's slot takes the next request by a prefill of the new rows alone."""
+
+    def __init__(self, gen: Generator, opts: Options, lora, slots: int, capacity: int, out_len: int):
+        self.gen, self.opts, self.lora, self.n = gen, opts, lora, slots
+        if gen.mesh is not None and slots % gen.mesh.shape["data"]:
+            raise ValueError(f"{slots} slots must divide over the mesh's {gen.mesh.shape['data']} data rows")
+        self.capacity, self.out_len = capacity, out_len
+        self.step_fn = MODES[opts.mode].step
+        self.st: State | None = None
+        self.owner: list[object | None] = [None] * slots  # whatever the caller keeps per slot
+        self.started = [0.0] * slots
+
+    def free(self) -> list[int]:
+        return [i for i, o in enumerate(self.owner) if o is None]
+
+    def busy(self) -> bool:
+        return any(o is not None for o in self.owner)
+
+    def _initial(self) -> State:
+        """An all-done state of `slots` rows (one-token prompts), so every admission is a row refill."""
+        g, n = self.gen, self.n
+        prompt, lens, keys = g.prompt_rows([[0]] * n, 16, [0] * n)
+        rows = g.place_rows(RowSettings.make([1] * n, [0.0] * n, [None] * n, [None] * n, [()] * n, [0.0] * n,
+                                             [self.opts.block] * n))[0]
+        with jax.default_matmul_precision(g._precision):
+            st = _prefill_fn(g._graphdef, g._params, prompt, lens, keys, rows, self.lora, self.capacity,
+                             self.out_len, self.opts, g.cache_sharding(n))
+        return dataclasses.replace(st, done=jnp.ones_like(st.done))
+
+    def admit(self, items: dict[int, tuple[object, list[int], int, RowPlan]]) -> None:
+        """items: slot -> (owner, prompt ids, seed, plan). The prompts are prefilled together, padded to a
+        power-of-two count and width (a handful of shapes)."""
+        if not items:
+            return
+        g = self.gen
+        if self.st is None:
+            self.st = self._initial()
+        now = time.perf_counter()
+        slots = sorted(items)
+        for i in slots:
+            self.owner[i], self.started[i] = items[i][0], now
+        count = min(_bucket(len(slots), 1), self.n)
+        if g.mesh is not None:  # rows split over "data": a whole number of rows per device
+            count = min(_round_up(count, g.mesh.shape["data"]), self.n)
+        pad = slots + [slots[0]] * (count - len(slots))  # repeats rewrite the same row with the same values
+        ids = [items[i][1] for i in pad]
+        prompt, lens, keys = g.prompt_rows(ids, _bucket(max(map(len, ids))), [items[i][2] for i in pad])
+        rows = row_settings([items[i][3] for i in pad])
+        with jax.default_matmul_precision(g._precision):
+            self.st = _admit_fn(g._graphdef, g._params, self.st, jnp.asarray(pad, jnp.int32), prompt, lens, keys,
+                                rows, self.opts)
+
+    def run(self, max_steps: int = 1 << 30) -> State:
+        """Advances until some row finishes (or max_steps); returns the rows' state on the host."""
+        g = self.gen
+        with jax.default_matmul_precision(g._precision):
+            self.st = _segment_fn(g._graphdef, g._params, self.step_fn, self.opts, self.st, jnp.int32(max_steps))
+        return host_rows(self.st)
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Frees slots now (a cancelled or finished request): their rows stop at once."""
+        if not slots:
+            return
+        stop = np.zeros(self.n, bool)
+        stop[list(slots)] = True
+        for i in slots:
+            self.owner[i] = None
+        self.st = _stop_rows(self.st, self.gen.place_rows(jnp.asarray(stop))[0])
 
 
 class QueueFull(RuntimeError):

@@ -16,7 +16,7 @@ from flax import nnx
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import ar, diffusion, speculative
-from nemodiff_jax.decoding.common import Options, State, initial_state, prefill, run_device, run_python
+from nemodiff_jax.decoding.common import Options, RowSettings, State, initial_state, prefill, run_device, run_python
 from nemodiff_jax.lora import LoRA, load_lora
 from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
@@ -69,21 +69,22 @@ class Generator:
         self.drafter: LoRA | None = None
         self.attn_impl = attention_impl(self.config, self.dtype, attention, mesh)
 
-    def place_rows(self, *arrays):
-        """Shards per-row arrays (leading batch dim) over the mesh's "data" axis; a no-op without a mesh."""
+    def place_rows(self, *trees):
+        """Shards per-row arrays (leading batch dim; pytrees of them too) over the mesh's "data" axis; a no-op
+        without a mesh."""
         if self.mesh is None:
-            return arrays
+            return trees
         from nemodiff_jax.sharding import rows_sharding
 
-        return tuple(jax.device_put(a, rows_sharding(a.shape, self.mesh)) for a in arrays)
+        return tuple(jax.tree.map(lambda a: jax.device_put(a, rows_sharding(a.shape, self.mesh)), t) for t in trees)
 
     def cache_sharding(self, batch: int):
         from nemodiff_jax import sharding as shd
 
         return shd.cache_sharding(self.config, batch, self.mesh)
 
-    def make_options(self, mode: str, options: dict, stop_ids: tuple[int, ...]) -> Options:
-        return decoding_options(self.config, mode, options, stop_ids, self.attn_impl)
+    def make_options(self, mode: str, options: dict) -> Options:
+        return decoding_options(self.config, mode, options, self.attn_impl)
 
     def attach_drafter(self, path_or_lora) -> None:
         """Attaches the linear-spec drafter LoRA (a PEFT directory or a LoRA); used by default in drafts."""
@@ -145,18 +146,18 @@ class Generator:
             out.append(ids)
         return out
 
-    def prompt_rows(self, ids: list[list[int]], width: int, seeds, max_new):
-        """Placed per-row inputs: prompts right-padded to [B, width], their lengths, PRNG keys from `seeds`,
-        and each row's budget of new tokens."""
+    def prompt_rows(self, ids: list[list[int]], width: int, seeds):
+        """Placed per-row inputs: prompts right-padded to [B, width], their lengths, PRNG keys from `seeds`."""
         prompt = np.zeros((len(ids), width), np.int32)
         for i, p in enumerate(ids):
             prompt[i, :len(p)] = p
         lens = np.array([len(p) for p in ids], np.int32)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        return self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys, jnp.asarray(max_new, jnp.int32))
+        return self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys)
 
-    def _prepare(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
-                 mode_options):
+    def check_request(self, mode: str, max_new_tokens, longest: int, temperature, top_k, top_p, stop_token_ids,
+                      lora, mode_options: dict) -> RowPlan:
+        """Validates one request's settings (every error names the field) and resolves its defaults."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
         unknown = set(mode_options) - set(MODE_OPTIONS[mode])
@@ -164,13 +165,8 @@ class Generator:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for mode {mode!r}; "
                              f"allowed: {sorted(MODE_OPTIONS[mode]) or 'none'}")
         o = {**MODE_OPTIONS[mode], **mode_options}
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        ids = self.encode_prompts(prompts)
-        n_real = len(ids)
-        if self.mesh is not None and len(ids) % self.mesh.shape["data"]:
-            # rows are sharded over "data": pad with copies of the first prompt (their results are dropped)
-            ids = ids + [ids[0]] * (self.mesh.shape["data"] - len(ids) % self.mesh.shape["data"])
         cfg = self.config
         block = o.get("block_size") or cfg.block_size
         if mode != "ar" and not 2 <= block <= 256:
@@ -179,28 +175,45 @@ class Generator:
             raise ValueError(f"unknown diffusion policy {o['policy']!r}; choose from {diffusion.POLICIES}")
         if mode == "diffusion" and o["steps"] is not None and not 1 <= o["steps"] <= block:
             raise ValueError(f"steps must be in [1, block_size={block}], got {o['steps']}")
-        longest = max(len(p) for p in ids)
+        threshold = o.get("threshold", 0.0)
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         extra = 0 if mode == "ar" else block  # a block may run past the last kept token
         if longest + max_new_tokens + extra > cfg.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} (+{extra} block "
                              f"slack) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
         if lora is not None and lora is not False and mode != "linear_spec":
             raise ValueError(f"lora is only used by mode 'linear_spec' (draft passes), not {mode!r}")
-        lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
+        Sampling.make(temperature, top_k, top_p)  # checks the values
         stops = cfg.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
+        return RowPlan(opts=self.make_options(mode, o), block=block, max_new=max_new_tokens,
+                       temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
+                       threshold=float(threshold), steps=o.get("steps") or block)
+
+    def _prepare(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
+                 mode_options):
+        ids = self.encode_prompts(prompts)
+        n_real = len(ids)
+        if self.mesh is not None and len(ids) % self.mesh.shape["data"]:
+            # rows are sharded over "data": pad with copies of the first prompt (their results are dropped)
+            ids = ids + [ids[0]] * (self.mesh.shape["data"] - len(ids) % self.mesh.shape["data"])
+        longest = max(len(p) for p in ids)
+        plan = self.check_request(mode, max_new_tokens, longest, temperature, top_k, top_p, stop_token_ids, lora,
+                                  mode_options)
+        lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
         b = len(ids)
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
         if len(seeds) < n_real or (not isinstance(seed, int) and len(seeds) != n_real):
             raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
         seeds = seeds + [seeds[0]] * (b - len(seeds))
-        opts = self.make_options(mode, o, stops)
-        capacity, out_len = buffer_sizes(longest, max_new_tokens, block)
-        prompt, lens, keys, max_new = self.prompt_rows(ids, _bucket(longest), seeds, [max_new_tokens] * b)
-        sampling = Sampling.make(temperature, top_k, top_p)
+        opts = plan.opts
+        capacity, out_len = buffer_sizes(longest, max_new_tokens, plan.block)
+        prompt, lens, keys = self.prompt_rows(ids, _bucket(longest), seeds)
+        rows = self.place_rows(row_settings([plan] * b))[0]
         cache_sharding = self.cache_sharding(b)
         with jax.default_matmul_precision(self._precision):
-            st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, max_new,
-                             sampling, lora_obj, capacity, out_len, opts, cache_sharding)
+            st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, rows, lora_obj, capacity, out_len,
+                             opts, cache_sharding)
         return st, opts, ids[:n_real]
 
     def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
@@ -266,12 +279,34 @@ class Generator:
         return results
 
 
-def decoding_options(cfg: Config, mode: str, options: dict, stop_ids: tuple[int, ...], attn_impl="auto") -> Options:
-    """Static decoding options from a mode's (validated) options merged over MODE_OPTIONS defaults."""
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """One request's validated settings: the static options of its program and its per-row values."""
+
+    opts: Options
+    block: int
+    max_new: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop_ids: tuple[int, ...]
+    threshold: float
+    steps: int
+
+
+def row_settings(plans: Sequence[RowPlan]) -> RowSettings:
+    """The traced per-row settings of a batch of requests (one RowPlan per row)."""
+    return RowSettings.make([p.max_new for p in plans], [p.temperature for p in plans], [p.top_k for p in plans],
+                            [p.top_p for p in plans], [p.stop_ids for p in plans], [p.threshold for p in plans],
+                            [p.steps for p in plans])
+
+
+def decoding_options(cfg: Config, mode: str, options: dict, attn_impl="auto") -> Options:
+    """The static decoding options (what changes the program) from a mode's validated options merged over
+    MODE_OPTIONS defaults; the values (threshold, steps) go per row into RowSettings."""
     o = {**MODE_OPTIONS[mode], **options}
-    return Options(mode=mode, stop_ids=stop_ids, block=o.get("block_size") or cfg.block_size,
-                   policy=o.get("policy", "threshold"), threshold=float(o.get("threshold", 0.0)),
-                   steps=o.get("steps"), mask_id=cfg.mask_token_id, attn_impl=attn_impl)
+    return Options(mode=mode, block=o.get("block_size") or cfg.block_size, policy=o.get("policy", "threshold"),
+                   mask_id=cfg.mask_token_id, attn_impl=attn_impl)
 
 
 def attention_impl(cfg: Config, dtype, attention: str, mesh=None):
@@ -306,10 +341,11 @@ def host_rows(st: State) -> State:
 
 def row_tokens(st: State, opts: Options, i: int) -> list[int]:
     """Row i's new tokens (host state): its budget, cut after the first stop token."""
-    n = min(int(st.n_out[i]), int(st.max_new[i]))
+    n = min(int(st.n_out[i]), int(st.rows.max_new[i]))
     toks = np.asarray(st.out[i, :n]).tolist()
+    stops = set(np.asarray(st.rows.stop_ids[i]).tolist()) - {-1}
     for j, t in enumerate(toks):
-        if t in opts.stop_ids:
+        if t in stops:
             return toks[:j + 1]
     return toks
 
@@ -334,14 +370,13 @@ def _with_first(first, rest):
     yield from rest
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
-def _prefill_fn(graphdef, params, prompt, lens, keys, max_new, sampling, lora, capacity, out_len, opts,
-                cache_sharding):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _prefill_fn(graphdef, params, prompt, lens, keys, rows, lora, capacity, out_len, opts, cache_sharding):
     model = nnx.merge(graphdef, params)
     cache = KVCache.init(model.config, prompt.shape[0], capacity, model.dtype, sharding=cache_sharding)
     last, cache = prefill(model, prompt, lens, cache, opts)
-    first = ar.first_token(last, cache, keys, sampling)
-    return initial_state(cache, out_len, keys, max_new, sampling, lora, first, opts)
+    first = ar.first_token(last, cache, keys, rows.sampling)
+    return initial_state(cache, out_len, keys, rows, lora, first)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))

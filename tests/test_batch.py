@@ -81,23 +81,23 @@ def test_kill_and_restart_gives_exactly_one_result_per_id(model_dir, tmp_path, m
     assert run_job(model_dir, inp, full) == 0
 
     out = tmp_path / "out.jsonl"
-    real = batch.Engine.run_segment
+    real = batch.Pool.run
     calls = {"n": 0}
 
-    def dying(self):
+    def dying(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # the job is killed between two results
-        return real(self)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(batch.Engine, "run_segment", dying)
+    monkeypatch.setattr(batch.Pool, "run", dying)
     with pytest.raises(KeyboardInterrupt):
         run_job(model_dir, inp, out)
     partial = read_out(out)
     assert 0 < len(partial) < len(requests())
     with open(out, "a") as f:
         f.write('{"id": "r7", "text": "torn wri')  # and a write torn by a kill
-    monkeypatch.setattr(batch.Engine, "run_segment", real)
+    monkeypatch.setattr(batch.Pool, "run", real)
     assert run_job(model_dir, inp, out) == 0
     ids = [r["id"] for r in read_out(out)]
     assert sorted(ids) == sorted(r["id"] for r in requests()) and len(ids) == len(set(ids))

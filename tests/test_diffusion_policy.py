@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from nemodiff_jax.decoding import diffusion
-from nemodiff_jax.decoding.common import Options, State
-from nemodiff_jax.sampling import Sampling
+from nemodiff_jax.decoding.common import Options, RowSettings, State
 
 _select = jax.jit(diffusion.select, static_argnums=0)  # steps, threshold traced: one compile per policy
 
@@ -196,7 +195,7 @@ def script_table() -> np.ndarray:
     return t
 
 
-def fake_state(seed_tokens, opts_steps=None):
+def fake_state(seed_tokens, steps=None):
     b = len(seed_tokens)
     z = jnp.zeros((b,), jnp.int32)
     cache = FakeCache(lengths=jnp.array([10, 20], jnp.int32), calls=jnp.int32(0),
@@ -204,13 +203,13 @@ def fake_state(seed_tokens, opts_steps=None):
     out = jnp.zeros((b, 64), jnp.int32).at[:, 0].set(jnp.asarray(seed_tokens))
     return State(cache=cache, out=out, n_out=jnp.ones((b,), jnp.int32), done=jnp.zeros((b,), bool),
                  seed=jnp.asarray(seed_tokens, jnp.int32), keys=jax.vmap(jax.random.key)(jnp.arange(b)),
-                 max_new=jnp.int32(100), sampling=Sampling.make(), lora=None, passes=z, rounds=z, work=z,
-                 total_passes=jnp.int32(0))
+                 rows=RowSettings.make([100] * b, [0.0] * b, [None] * b, [None] * b, [(STOP,)] * b, [0.9] * b,
+                                       [steps or L] * b),
+                 lora=None, passes=z, rounds=z, work=z, total_passes=jnp.int32(0))
 
 
-def opts_for(policy, steps=None):
-    return Options(mode="diffusion", stop_ids=(STOP,), block=L, policy=policy, threshold=0.9, steps=steps,
-                   mask_id=MASK)
+def opts_for(policy):
+    return Options(mode="diffusion", block=L, policy=policy, mask_id=MASK)
 
 
 M = MASK
@@ -248,10 +247,10 @@ CASES = {
 @pytest.mark.parametrize("policy, steps", list(CASES))
 def test_denoise_follows_the_hand_schedule(policy, steps):
     case = CASES[(policy, steps)]
-    st = fake_state([7, MASK])
+    st = fake_state([7, MASK], steps)
     block, masked = diffusion.new_block(st.seed, L, MASK)
     model = FakeModel(script_table())
-    out, cache, nsteps, k = diffusion.denoise(model, st, block, masked, st.cache, opts_for(policy, steps))
+    out, cache, nsteps, k = diffusion.denoise(model, st, block, masked, st.cache, opts_for(policy))
     np.testing.assert_array_equal(np.asarray(out), case["final"])
     np.testing.assert_array_equal(np.asarray(nsteps), case["nsteps"])
     assert int(k) == max(case["nsteps"]) == int(cache.calls)
@@ -268,10 +267,10 @@ def test_threshold_policy_with_a_step_limit_leaves_no_mask():
     """steps=2 with the threshold policy: row 0 commits 2 slots in pass 0 and 1 in pass 1 (see CASES), so two
     masks are left when the step budget runs out. The last allowed pass must reveal every remaining mask (as
     vLLM's confidence_threshold sampler does) or the option must be rejected; leaving them emits mask ids."""
-    st = fake_state([7, MASK])
+    st = fake_state([7, MASK], steps=2)
     block, masked = diffusion.new_block(st.seed, L, MASK)
     out, _, nsteps, _ = diffusion.denoise(FakeModel(script_table()), st, block, masked, st.cache,
-                                          opts_for("threshold", steps=2))
+                                          opts_for("threshold"))
     assert int(nsteps[0]) <= 2
     assert MASK not in np.asarray(out)[0].tolist(), np.asarray(out)[0]
 
@@ -319,8 +318,8 @@ def test_step_commits_block_and_seeds_next_from_causal_logits():
 
 
 def test_settled_tracks_masks_by_slot_not_by_value():
-    opts = opts_for("threshold")
+    stops = jnp.array([[STOP, -1]] * 4, jnp.int32)  # each row's stop ids, -1 padded
     block = jnp.array([[M, STOP, M, M], [M, M, STOP, 2], [M, 4, 2, 2], [STOP, M, M, M]])
     masked = jnp.array([[False, False, True, True], [False, True, False, False], [False, False, False, False],
                         [False, True, True, True]])
-    np.testing.assert_array_equal(np.asarray(diffusion.settled(block, masked, opts)), [True, False, True, True])
+    np.testing.assert_array_equal(np.asarray(diffusion.settled(block, masked, stops)), [True, False, True, True])

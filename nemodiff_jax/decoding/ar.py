@@ -21,8 +21,8 @@ def step(model, st: State, opts: Options) -> State:
     active = ~st.done
     logits, cache = forward(model, st.seed[:, None], st.cache, causal=True, opts=opts)
     cache = cache.advance(active.astype(jnp.int32))
-    tok = choose(logits, row_keys(st.keys, STREAM, cache.lengths), st.sampling)[:, 0]
-    upd = finish_rows(st, tok[:, None], jnp.ones_like(st.n_out), active, opts.stop_ids)
+    tok = choose(logits, row_keys(st.keys, STREAM, cache.lengths), st.rows.sampling)[:, 0]
+    upd = finish_rows(st, tok[:, None], jnp.ones_like(st.n_out), active)
     one = active.astype(jnp.int32)
     return dataclasses.replace(st, cache=cache, seed=jnp.where(active, tok, st.seed), passes=st.passes + one,
                                rounds=st.rounds + one, total_passes=st.total_passes + 1, **upd)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nemodiff_jax.cache import KVCache
@@ -23,16 +24,41 @@ from nemodiff_jax.sampling import Sampling
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Static (hashable) per-call decoding options."""
+    """Static (hashable) decoding options: what changes the program. Values a request sets (sampling, stop
+    ids, thresholds, budgets) are traced, per row, in RowSettings."""
 
     mode: str
-    stop_ids: tuple[int, ...]
     block: int = 32
     policy: str = "threshold"  # diffusion: threshold | low_confidence | leftmost
-    threshold: float = 0.9  # diffusion unmask threshold; linear_spec draft threshold (0 = one draft pass)
-    steps: int | None = None  # diffusion: max denoise steps per block (default: block size)
     mask_id: int = 100
     attn_impl: object = "auto"  # "auto" | "xla" | "pallas" | "cudnn" | attention.Sharded
+
+
+STOP_WIDTH = 8  # stop ids per row (padded with -1); more widen the array to the next multiple of 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """Each row's request settings as traced arrays [B, ...]: a new value never recompiles."""
+
+    max_new: jax.Array  # [B] int32: the row's budget of new tokens
+    sampling: Sampling  # [B] temperature / top_p / top_k
+    stop_ids: jax.Array  # [B, S] int32, -1 = no stop id
+    threshold: jax.Array  # [B] float32: diffusion unmask threshold; linear_spec draft threshold (0 = one pass)
+    steps: jax.Array  # [B] int32: diffusion's most denoise steps per block (<= block)
+
+    @classmethod
+    def make(cls, max_new, temperature, top_k, top_p, stop_ids, threshold, steps) -> RowSettings:
+        """From per-row Python values (lists of length B; top_k / top_p entries may be None, stop_ids a list
+        of id lists)."""
+        width = max(STOP_WIDTH, -(-max((len(x) for x in stop_ids), default=0) // STOP_WIDTH) * STOP_WIDTH)
+        stops = np.full((len(stop_ids), width), -1, np.int32)
+        for i, ids in enumerate(stop_ids):
+            stops[i, :len(ids)] = ids
+        return cls(max_new=jnp.asarray(max_new, jnp.int32), sampling=Sampling.make(temperature, top_k, top_p),
+                   stop_ids=jnp.asarray(stops), threshold=jnp.asarray(threshold, jnp.float32),
+                   steps=jnp.asarray(steps, jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -44,8 +70,7 @@ class State:
     done: jax.Array  # [B] bool
     seed: jax.Array  # [B] int32: AR: last token (to feed); diffusion/linear_spec: next block's slot 0
     keys: jax.Array  # [B] PRNG keys
-    max_new: jax.Array  # [B] int32: each row's own budget of new tokens
-    sampling: Sampling
+    rows: RowSettings  # the rows' own settings (budget, sampling, stop ids, thresholds)
     lora: LoRA | None
     passes: jax.Array  # [B] int32 decode forwards each row took part in (prefill excluded)
     rounds: jax.Array  # [B] int32 AR steps / diffusion blocks / speculative rounds
@@ -60,10 +85,10 @@ def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Opt
     return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl)
 
 
-def is_stop(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
-    if not stop_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
+def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    """tokens [B] or [B, T] against each row's stop ids [B, S] (-1 pads): bool, tokens' shape."""
+    stops = stop_ids.reshape(stop_ids.shape[:1] + (1,) * (tokens.ndim - 1) + stop_ids.shape[1:])
+    return jnp.any(tokens[..., None] == stops, axis=-1)
 
 
 def write_out(out: jax.Array, n_out: jax.Array, tokens: jax.Array, active: jax.Array) -> jax.Array:
@@ -82,29 +107,28 @@ def prefill(model, prompt: jax.Array, prompt_lens: jax.Array, cache: KVCache, op
     return last, cache
 
 
-def initial_state(cache, out_len, keys, max_new, sampling, lora, first: jax.Array, opts: Options) -> State:
+def initial_state(cache, out_len, keys, rows: RowSettings, lora, first: jax.Array) -> State:
     """State after prefill: `first` [B] is the first generated token (already emitted)."""
     b = first.shape[0]
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((b,), jnp.int32)
-    done = is_stop(first, opts.stop_ids) | (n_out >= max_new)
+    done = is_stop(first, rows.stop_ids) | (n_out >= rows.max_new)
     def zeros():  # distinct buffers: the state is donated, and one buffer may not be donated twice
         return jnp.zeros((b,), jnp.int32)
 
-    return State(cache=cache, out=out, n_out=n_out, done=done, seed=first, keys=keys, max_new=max_new,
-                 sampling=sampling, lora=lora, passes=zeros(), rounds=zeros(), work=zeros(),
+    return State(cache=cache, out=out, n_out=n_out, done=done, seed=first, keys=keys, rows=rows,
+                 lora=lora, passes=zeros(), rounds=zeros(), work=zeros(),
                  total_passes=jnp.int32(0))
 
 
-def finish_rows(st: State, new_tokens: jax.Array, counts: jax.Array, active: jax.Array,
-                stop_ids: tuple[int, ...]) -> dict[str, Any]:
+def finish_rows(st: State, new_tokens: jax.Array, counts: jax.Array, active: jax.Array) -> dict[str, Any]:
     """Emits `new_tokens[b, :counts[b]]` for active rows; returns updated out/n_out/done."""
     t = new_tokens.shape[1]
     valid = jnp.arange(t)[None, :] < counts[:, None]
     out = write_out(st.out, st.n_out, new_tokens, active)
     n_out = st.n_out + jnp.where(active, counts, 0)
-    hit_stop = jnp.any(is_stop(new_tokens, stop_ids) & valid, axis=1)
-    done = st.done | (active & hit_stop) | (n_out >= st.max_new)
+    hit_stop = jnp.any(is_stop(new_tokens, st.rows.stop_ids) & valid, axis=1)
+    done = st.done | (active & hit_stop) | (n_out >= st.rows.max_new)
     return dict(out=out, n_out=n_out, done=done)
 
 

@@ -38,8 +38,8 @@ def _rank_desc(score: jax.Array) -> jax.Array:
     return jnp.argsort(order, axis=-1, stable=True)
 
 
-def select(policy: str, conf: jax.Array, masked: jax.Array, step_idx, steps: int, threshold: float) -> jax.Array:
-    """Which masked slots [B, L] to commit this step."""
+def select(policy: str, conf: jax.Array, masked: jax.Array, step_idx, steps, threshold) -> jax.Array:
+    """Which masked slots [B, L] to commit this step; `steps` and `threshold` per row ([B, 1]) or scalars."""
     n_masked = masked.sum(-1, keepdims=True)
     score = jnp.where(masked, conf, -jnp.inf)
     if policy == "threshold":
@@ -56,32 +56,34 @@ def select(policy: str, conf: jax.Array, masked: jax.Array, step_idx, steps: int
     raise ValueError(f"unknown diffusion policy {policy!r}; choose from {POLICIES}")
 
 
-def settled(block: jax.Array, masked: jax.Array, opts: Options) -> jax.Array:
+def settled(block: jax.Array, masked: jax.Array, stop_ids: jax.Array) -> jax.Array:
     """[B] the row needs no more denoising: no mask left, or a stop token with no mask before it.
     `masked` is tracked by slot, not by token value: a seed that happens to equal the mask id is a token."""
     no_mask_before = jnp.cumsum(masked, axis=-1) == 0
-    early = jnp.any(is_stop(block, opts.stop_ids) & ~masked & no_mask_before, axis=-1)
+    early = jnp.any(is_stop(block, stop_ids) & ~masked & no_mask_before, axis=-1)
     return ~jnp.any(masked, axis=-1) | early
 
 
 def denoise(model, st: State, block: jax.Array, masked: jax.Array, cache, opts: Options):
-    """Bidirectional passes until every row is settled; returns (block, cache, steps per row, passes)."""
-    steps = opts.steps or opts.block
-    stride = steps + 1
+    """Bidirectional passes until every row is settled (a row's step limit commits whatever it has left on
+    its last step); returns (block, cache, steps per row, passes)."""
+    rows = st.rows
+    steps, threshold = rows.steps[:, None], rows.threshold[:, None]
+    stride = opts.block + 1
 
     def body(c):
         block, masked, cache, k, nsteps = c
-        active = ~st.done & ~settled(block, masked, opts)
+        active = ~st.done & ~settled(block, masked, rows.stop_ids)
         logits, cache = forward(model, block, cache, causal=False, opts=opts)
         keys = row_keys(st.keys, STREAM, cache.lengths * stride + k)
-        x0 = choose(logits, keys, st.sampling, exclude=opts.mask_id)
+        x0 = choose(logits, keys, rows.sampling, exclude=opts.mask_id)
         conf = confidence(logits, x0)
-        sel = select(opts.policy, conf, masked, k, steps, opts.threshold) & active[:, None]
+        sel = select(opts.policy, conf, masked, k, steps, threshold) & active[:, None]
         return jnp.where(sel, x0, block), masked & ~sel, cache, k + 1, nsteps + active.astype(jnp.int32)
 
     def cond(c):
         block, masked, _, k, _ = c
-        return jnp.any(~st.done & ~settled(block, masked, opts)) & (k < steps)
+        return jnp.any(~st.done & ~settled(block, masked, rows.stop_ids)) & (k < opts.block)
 
     nsteps = jnp.zeros_like(st.n_out)
     block, _, cache, k, nsteps = jax.lax.while_loop(cond, body, (block, masked, cache, jnp.int32(0), nsteps))
@@ -96,10 +98,10 @@ def step(model, st: State, opts: Options) -> State:
     # commit: causal pass over the final block writes its K/V; its last logit seeds the next block
     logits, cache = forward(model, block, cache, causal=True, opts=opts)
     cache = cache.advance(jnp.where(active, L, 0))
-    seed = choose(logits[:, -1:], row_keys(st.keys, 0, cache.lengths), st.sampling)[:, 0]
+    seed = choose(logits[:, -1:], row_keys(st.keys, 0, cache.lengths), st.rows.sampling)[:, 0]
     # slot 0 was emitted when it was chosen; emit the denoised slots and the next seed (chosen now)
     emitted = jnp.concatenate([block[:, 1:], seed[:, None]], axis=1)
-    upd = finish_rows(st, emitted, jnp.full_like(st.n_out, L), active, opts.stop_ids)
+    upd = finish_rows(st, emitted, jnp.full_like(st.n_out, L), active)
     one = active.astype(jnp.int32)
     return dataclasses.replace(st, cache=cache, seed=jnp.where(active, seed, st.seed),
                                passes=st.passes + nsteps + one, rounds=st.rounds + one, work=st.work + nsteps,

@@ -24,27 +24,19 @@ STREAM_VERIFY = 3
 
 
 def draft(model, st: State, block, masked, cache, opts: Options):
-    """Fills the block's masked slots: one pass at threshold 0, else passes until no mask is left."""
+    """Fills the block's masked slots: rows at threshold 0 in one pass (every mask filled), the others by
+    threshold passes until no mask is left. Returns (block, cache, passes)."""
     stride = opts.block + 1
-
-    def one_pass(block, masked, cache, k):
-        logits, cache = forward(model, block, cache, causal=False, opts=opts, lora=st.lora)
-        keys = row_keys(st.keys, STREAM_DRAFT, cache.lengths * stride + k)
-        d = choose(logits, keys, st.sampling, exclude=opts.mask_id)
-        if opts.threshold > 0:
-            sel = select("threshold", confidence(logits, d), masked, k, opts.block, opts.threshold)
-        else:
-            sel = masked
-        return jnp.where(sel, d, block), masked & ~sel, cache
-
-    if opts.threshold <= 0:
-        block, _, cache = one_pass(block, masked, cache, 0)
-        return block, cache, jnp.int32(1)
+    threshold = st.rows.threshold[:, None]
 
     def body(c):
         block, masked, cache, k = c
-        block, masked, cache = one_pass(block, masked, cache, k)
-        return block, masked, cache, k + 1
+        logits, cache = forward(model, block, cache, causal=False, opts=opts, lora=st.lora)
+        keys = row_keys(st.keys, STREAM_DRAFT, cache.lengths * stride + k)
+        d = choose(logits, keys, st.rows.sampling, exclude=opts.mask_id)
+        by_threshold = select("threshold", confidence(logits, d), masked, k, opts.block, threshold)
+        sel = jnp.where(threshold > 0, by_threshold, masked)
+        return jnp.where(sel, d, block), masked & ~sel, cache, k + 1
 
     def cond(c):
         _, masked, _, k = c
@@ -61,12 +53,12 @@ def step(model, st: State, opts: Options) -> State:
     block, cache, n_draft = draft(model, st, block, masked, st.cache, opts)
     logits, cache = forward(model, block, cache, causal=True, opts=opts)  # verify: LoRA off
     # fresh noise per round (the block start only grows) and per slot: a[i] ~ AR(. | prefix up to slot i)
-    a = choose(logits, row_keys(st.keys, STREAM_VERIFY, cache.lengths), st.sampling)  # [B, L]
+    a = choose(logits, row_keys(st.keys, STREAM_VERIFY, cache.lengths), st.rows.sampling)  # [B, L]
     n = jnp.sum(jnp.cumprod(a[:, :-1] == block[:, 1:], axis=-1), axis=-1).astype(jnp.int32)
     accepted = n + 1
     cache = cache.advance(jnp.where(active, accepted, 0))
     bonus = jnp.take_along_axis(a, n[:, None], axis=1)[:, 0]
-    upd = finish_rows(st, a, accepted, active, opts.stop_ids)
+    upd = finish_rows(st, a, accepted, active)
     one = active.astype(jnp.int32)
     return dataclasses.replace(st, cache=cache, seed=jnp.where(active, bonus, st.seed),
                                passes=st.passes + one * (n_draft + 1), rounds=st.rounds + one,
