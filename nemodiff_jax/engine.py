@@ -9,10 +9,12 @@ bounded queue that says "busy" when full.
     handle.cancel()                # frees the request's place at once
     engine.stop()
 
-Scheduling today: one worker thread runs one request at a time through `Generator.stream` (the on-device
-step loop of its mode), so modes never wait on a recompile of each other and values such as temperature are
-traced. Continuous batching over shared decode slots (rows of different requests in one loop) is the next
-step of this file; the interface above stays.
+Design: one pool of decode slots per program (mode, block size, policy; engine.Pool), because the modes'
+steps are different programs (a 1-token causal step against 32-token denoise/draft/verify passes): one pool
+for all would run AR rows through 32-token chunks. Every other request value (temperature, top-k, top-p,
+seed, budget, stop ids, threshold, steps) is a traced per-row array (decoding.common.RowSettings), so a new
+value never compiles. Pools take turns a segment each; a mixed load therefore costs about what its
+single-mode parts cost run one after another, with each pool's rows batched.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from flax import nnx
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.decoding import ar
 from nemodiff_jax.decoding.common import Options, RowSettings, State, initial_state, prefill
-from nemodiff_jax.generate import (MODES, Generator, Result, RowPlan, _bucket, _prefill_fn, _round_up, host_rows,
-                                   row_settings)
+from nemodiff_jax.generate import (MODES, Generator, Result, RowPlan, _bucket, _prefill_fn, _round_up,
+                                   buffer_sizes, host_rows, row_settings, row_tokens)
 
 
 # ------------------------------------------------------------------ decode slots
@@ -230,18 +232,29 @@ class Handle:
 
 
 class Engine:
-    """Owns a loaded Generator and serves Requests from a bounded queue on a worker thread."""
+    """Owns a loaded Generator and serves Requests from a bounded queue on a worker thread: continuous
+    batching over pools of decode slots, one pool per program (mode, block, policy), each `slots` rows wide.
+    Pools take turns, a segment each (at most `segment_steps` steps, or until a row finishes); after every
+    segment each row's newly committed tokens go to its request's stream, finished or cancelled rows free
+    their slots, and waiting requests are prefilled into them."""
 
-    def __init__(self, generator: Generator, max_queue: int = 64):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    def __init__(self, generator: Generator, slots: int = 8, max_queue: int = 64, max_prompt_tokens: int = 1024,
+                 max_new_tokens: int = 512, segment_steps: int = 8):
+        for name, v in (("slots", slots), ("max_queue", max_queue), ("max_prompt_tokens", max_prompt_tokens),
+                        ("max_new_tokens", max_new_tokens), ("segment_steps", segment_steps)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.gen = generator
+        self.slots_per_pool, self.segment_steps = slots, segment_steps
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self.active: Handle | None = None
+        self.pools: dict[Options, Pool] = {}
+        self._waiting: dict[Options, list] = {}
+        self._emitted: dict[tuple[Options, int], int] = {}
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0,
                       "busy_seconds": 0.0, "per_mode": {}}
 
@@ -249,6 +262,7 @@ class Engine:
 
     def start(self) -> Engine:
         if self._thread is None:
+            self._stopping.clear()
             self._thread = threading.Thread(target=self._run, name="nemodiff-engine", daemon=True)
             self._thread.start()
         return self
@@ -268,7 +282,8 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, request: Request) -> Handle:
-        """Queues a request; raises QueueFull when the queue is full (nothing is queued then)."""
+        """Queues a request; raises QueueFull when the queue is full (nothing is queued then). A bad request
+        fails its own stream (ValueError naming the field); the engine keeps serving."""
         if request.id is None:
             request = dataclasses.replace(request, id=next(self._ids))
         handle = Handle(request)
@@ -286,66 +301,123 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + sum(len(w) for w in self._waiting.values())
 
     @property
     def slots(self) -> int:
-        return 1
+        return sum(p.n for p in self.pools.values())
 
     @property
     def slots_in_use(self) -> int:
-        return int(self.active is not None)
+        return sum(p.n - len(p.free()) for p in self.pools.values())
+
+    def plan(self, r: Request) -> tuple[list[int], RowPlan]:
+        """The request's prompt ids and validated settings, within the engine's limits."""
+        ids = self.gen.encode_prompts([r.prompt])[0]
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(f"prompt: {len(ids)} tokens exceed the engine's max_prompt_tokens "
+                             f"{self.max_prompt_tokens}")
+        if isinstance(r.max_new_tokens, int) and r.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens {r.max_new_tokens} exceeds the engine's limit {self.max_new_tokens}")
+        if not isinstance(r.seed, int) or isinstance(r.seed, bool) or not 0 <= r.seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {r.seed!r}")
+        plan = self.gen.check_request(r.mode, r.max_new_tokens, len(ids), r.temperature, r.top_k, r.top_p,
+                                      r.stop_token_ids, None, dict(r.options))
+        return ids, plan
 
     # ------------------------------------------------------------------ the worker
 
+    def _pool(self, opts: Options) -> Pool:
+        if opts not in self.pools:
+            capacity, out_len = buffer_sizes(self.max_prompt_tokens, self.max_new_tokens, opts.block)
+            lora = self.gen.drafter if opts.mode == "linear_spec" else None
+            slots = self.slots_per_pool
+            if self.gen.mesh is not None:
+                slots = _round_up(slots, self.gen.mesh.shape["data"])
+            self.pools[opts] = Pool(self.gen, opts, lora, slots, capacity, out_len)
+            self._waiting.setdefault(opts, [])
+        return self.pools[opts]
+
+    def _intake(self, block: bool) -> None:
+        """Moves queued requests to their pool's waiting list; a bad one fails at once."""
+        while True:
+            try:
+                h = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            try:
+                ids, plan = self.plan(h.request)
+                self._pool(plan.opts)
+                self._waiting[plan.opts].append((h, ids, plan))
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self._finish(h, error=e)
+
     def _run(self) -> None:
         while not self._stopping.is_set():
-            try:
-                handle = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self._serve(handle)
+            busy = any(p.busy() for p in self.pools.values()) or any(self._waiting.values())
+            self._intake(block=not busy)
+            for opts, pool in list(self.pools.items()):
+                try:
+                    self._turn(opts, pool)
+                except Exception as e:  # noqa: BLE001 - a failing program fails its requests, not the engine
+                    for i, h in enumerate(pool.owner):
+                        if h is not None:
+                            self._finish(h, error=e)
+                    self.pools.pop(opts)
 
-    def _serve(self, h: Handle) -> None:
-        r = h.request
-        self.active = h
+    def _turn(self, opts: Options, pool: Pool) -> None:
+        gone = [i for i, h in enumerate(pool.owner) if h is not None and h.cancelled]
+        for i in gone:
+            self._finish(pool.owner[i], error=Cancelled(f"request {pool.owner[i].id!r} was cancelled"))
+        pool.release(gone)
+        waiting = self._waiting[opts]
+        while waiting and waiting[0][0].cancelled:
+            h = waiting.pop(0)[0]
+            self._finish(h, error=Cancelled(f"request {h.id!r} was cancelled"))
+        free = pool.free()
+        if waiting and free:
+            admit = {}
+            for i in free[: len(waiting)]:
+                h, ids, plan = waiting.pop(0)
+                admit[i] = (h, ids, h.request.seed, plan)
+                self._emitted[(opts, i)] = 0
+            pool.admit(admit)
+        if not pool.busy():
+            return
         t0 = time.perf_counter()
-        try:
-            if h.cancelled:
-                raise Cancelled(f"request {h.id!r} was cancelled")
-            for item in self.gen.stream(r.prompt, mode=r.mode, max_new_tokens=r.max_new_tokens,
-                                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed,
-                                        stop_token_ids=r.stop_token_ids, **r.options):
-                if h.cancelled:
-                    raise Cancelled(f"request {h.id!r} was cancelled")
-                if isinstance(item, Result):
-                    h.result = item
-                else:
-                    if h.first_token_s is None:
-                        h.first_token_s = time.perf_counter() - h.submitted
-                    h._items.put(item)
-            self._count(r.mode, "finished", h.result)
-        except Cancelled as e:
-            h.error = e
-            self._count(r.mode, "cancelled")
-        except Exception as e:  # noqa: BLE001 - a bad request fails alone; the engine keeps serving
-            h.error = e
-            self._count(r.mode, "failed")
-        finally:
-            with self._lock:
-                self.stats["busy_seconds"] += time.perf_counter() - t0
-            self.active = None
-            h._items.put(_DONE)
+        host = pool.run(self.segment_steps)
+        now = time.perf_counter()
+        with self._lock:
+            self.stats["busy_seconds"] += now - t0
+        finished = []
+        for i, h in enumerate(pool.owner):
+            if h is None:
+                continue
+            toks = row_tokens(host, i)
+            new = toks[self._emitted[(opts, i)]:]
+            if new:
+                if h.first_token_s is None:
+                    h.first_token_s = now - h.submitted
+                h._items.put(new)
+                self._emitted[(opts, i)] = len(toks)
+            if bool(host.done[i]):
+                self._finish(h, result=self.gen.row_result(host, opts, i, now - pool.started[i]))
+                finished.append(i)
+        pool.release(finished)
 
-    def _count(self, mode: str, outcome: str, result: Result | None = None) -> None:
+    def _finish(self, h: Handle, result: Result | None = None, error: BaseException | None = None) -> None:
+        h.result, h.error = result, error
+        outcome = "finished" if error is None else "cancelled" if isinstance(error, Cancelled) else "failed"
         with self._lock:
             self.stats[outcome] += 1
-            if result is None:
-                return
-            m = self.stats["per_mode"].setdefault(mode, {"finished": 0, "tokens": 0, "rounds": 0, "accepted": 0})
-            self.stats["tokens"] += len(result.tokens)
-            m["finished"] += 1
-            m["tokens"] += len(result.tokens)
-            if "rounds" in result.stats:  # linear_spec: acceptance = accepted / rounds
-                m["rounds"] += result.stats["rounds"]
-                m["accepted"] += result.stats["mean_accepted_per_round"] * result.stats["rounds"]
+            if result is not None:
+                mode = h.request.mode
+                m = self.stats["per_mode"].setdefault(mode, {"finished": 0, "tokens": 0, "rounds": 0, "accepted": 0})
+                self.stats["tokens"] += len(result.tokens)
+                m["finished"] += 1
+                m["tokens"] += len(result.tokens)
+                if "rounds" in result.stats:  # linear_spec: acceptance = accepted / rounds
+                    m["rounds"] += result.stats["rounds"]
+                    m["accepted"] += result.stats["mean_accepted_per_round"] * result.stats["rounds"]
+        h._items.put(_DONE)

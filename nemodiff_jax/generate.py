@@ -133,6 +133,8 @@ class Generator:
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
+                if not p:
+                    raise ValueError(f"prompt {i} is empty")
                 if self.tokenizer is None:
                     raise ValueError("this model directory has no tokenizer: pass token-id lists, not strings")
                 ids = self.tokenizer.encode(p)
@@ -255,14 +257,14 @@ class Generator:
         with jax.default_matmul_precision(self._precision):
             states = run_python(self._graphdef, self._params, step_fn, opts, st)
             for final in _with_first(st, states):
-                tokens = row_tokens(host_rows(final), opts, 0)  # one host read per step
+                tokens = row_tokens(host_rows(final), 0)  # one host read per step
                 if len(tokens) > emitted:
                     yield tokens[emitted:]
                     emitted = len(tokens)
         yield self._results(final, opts, time.perf_counter() - t0)[0]
 
     def row_result(self, st: State, opts: Options, i: int, wall: float) -> Result:
-        toks = row_tokens(st, opts, i)
+        toks = row_tokens(st, i)
         text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
         return Result(tokens=toks, text=text, stats=row_stats(st, opts, i, len(toks), wall))
 
@@ -339,7 +341,7 @@ def host_rows(st: State) -> State:
     return jax.device_get(dataclasses.replace(st, cache=None, lora=None))
 
 
-def row_tokens(st: State, opts: Options, i: int) -> list[int]:
+def row_tokens(st: State, i: int) -> list[int]:
     """Row i's new tokens (host state): its budget, cut after the first stop token."""
     n = min(int(st.n_out[i]), int(st.rows.max_new[i]))
     toks = np.asarray(st.out[i, :n]).tolist()
