@@ -87,21 +87,36 @@ def parse_request(line_no: int, raw: str, gen: Generator, defaults) -> Request:
     return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed)
 
 
-def read_done_ids(path: Path) -> set[str]:
-    """Ids already in the output; a torn last line (killed mid-write) is cut off first."""
+def read_done_ids(path: Path, repair: bool = True) -> set[str]:
+    """Ids already in an output file. A torn last line (killed mid-write) is cut off first when `repair`
+    (this process's own file), else ignored (another process may be writing it right now)."""
     if not path.exists():
         return set()
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(keep)
         data = data[:keep]
     done = set()
     for line in data.decode().splitlines():
         if line.strip():
             done.add(str(json.loads(line)["id"]))
     return done
+
+
+def shard_output(path: Path, index: int, count: int) -> Path:
+    """Process `index` of `count` writes its own file: the output itself for one process, else
+    `<stem>.part<index><suffix>` beside it."""
+    return path if count == 1 else path.with_name(f"{path.stem}.part{index}{path.suffix}")
+
+
+def done_ids(path: Path, mine: Path) -> set[str]:
+    """Ids in every shard of the output (the plain file and all `.part<k>` files, whatever process count
+    wrote them), so a restart with another process count neither redoes nor duplicates an id."""
+    shards = [path] + sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+    return set().union(*(read_done_ids(p, repair=p == mine) for p in shards))
 
 
 def run_batch_job(args) -> int:
@@ -113,12 +128,13 @@ def run_batch_job(args) -> int:
         jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
     mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
     gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
-    in_path, out_path = Path(args.input), Path(args.output)
+    in_path = Path(args.input)
     if not in_path.exists():
         raise FileNotFoundError(f"{in_path}: input file not found")
-    done = read_done_ids(out_path)
-    defaults = argparse_defaults(args, gen)
     shard, num_shards = jax.process_index(), jax.process_count()
+    out_path = shard_output(Path(args.output), shard, num_shards)
+    done = done_ids(Path(args.output), out_path)
+    defaults = argparse_defaults(args, gen)
 
     pending: dict[object, list[Request]] = defaultdict(list)
     plans: dict[str, object] = {}

@@ -174,3 +174,40 @@ def test_linear_spec_job_with_drafter_refills_slots(model_dir, tmp_path):
     for r in reqs:
         want = gen.generate([r["prompt"]], mode="linear_spec", max_new_tokens=r["max_new_tokens"])[0]
         assert got[r["id"]] == want.tokens, r["id"]
+
+
+def test_process_count_change_neither_redoes_nor_duplicates(model_dir, tmp_path, monkeypatch):
+    """Multi-process jobs write one file per process (`out.part<k>.jsonl`); a restart with another process
+    count reads the done ids of every shard. Processes run one after another here, each told its index and
+    count the way jax.distributed tells it (jax.process_index / process_count)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, with_bad=False)
+
+    def run_as(index, count, die_after=None):
+        monkeypatch.setattr(batch.jax, "process_index", lambda: index)
+        monkeypatch.setattr(batch.jax, "process_count", lambda: count)
+        if die_after is None:
+            return run_job(model_dir, inp, out)
+        real, calls = batch.Pool.run, {"n": 0}
+
+        def dying(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] > die_after:
+                raise KeyboardInterrupt
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(batch.Pool, "run", dying)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(model_dir, inp, out)
+        monkeypatch.setattr(batch.Pool, "run", real)
+
+    run_as(0, 2, die_after=2)  # a 2-process job: process 0 killed part way, process 1 never ran
+    first = read_out(tmp_path / "out.part0.jsonl")
+    assert 0 < len(first) < len(requests()) and not out.exists()
+    for k in range(3):  # restarted as 3 processes
+        assert run_as(k, 3) == 0
+    assert run_as(0, 1) == 0  # and once more as one: nothing left to do
+    shards = [out] + sorted(tmp_path.glob("out.part*.jsonl"))
+    ids = [r["id"] for p in shards if p.exists() for r in read_out(p)]
+    assert sorted(ids) == sorted(r["id"] for r in requests()), "every id exactly once over all shards"
+    assert not out.exists() or read_out(out) == []
