@@ -161,6 +161,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP server (nemodiff_jax/serve.py) over the serving engine."""
+    from nemodiff_jax import serve
+    from nemodiff_jax.generate import load
+
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    path = Path(args.model) if args.model else default_model()
+    gen = load(path, dtype=args.dtype, drafter=args.drafter, progress=False,
+               mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False))
+    name = args.served_model_name or (args.model if args.model else "nemodiff-embedded")
+    serve.run(gen, name, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+              log_level=args.log_level, warmup=args.warmup, slots=args.slots,
+              max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemodiff", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -220,6 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-host: call jax.distributed.initialize(); each process takes every N-th line and "
                          "should write its own --output")
     bt.set_defaults(fn=cmd_batch)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+                        description="Serves /v1/models, /v1/completions, /v1/chat/completions (mode and its "
+                                    "options as extra body fields), /health and /metrics (Prometheus) on uvicorn.")
+    sv.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    sv.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
+    sv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="split the model over N devices (heads, MLP, vocab)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on every /v1 request (/health and /metrics stay open)")
+    sv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                    help="requests waiting for the engine; beyond it a request gets HTTP 429 (busy)")
+    sv.add_argument("--slots", type=int, default=None, metavar="N",
+                    help="decode slots per program (mode, block, policy) of the engine (default: the engine's)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                    help="longest prompt taken (default: the engine's); slots are sized for it")
+    sv.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                    help="largest max_tokens taken (default: the engine's); slots are sized for it")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the model's name in the API (default: --model as given, or nemodiff-embedded)")
+    sv.add_argument("--warmup", action="store_true",
+                    help="before serving, compile every mode for short prompts (one small request each)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(fn=cmd_serve)
 
     from nemodiff_jax.config import PRESETS
 
