@@ -201,6 +201,7 @@ class Handle:
         self._items: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
         self.result: Result | None = None
+        self.partial: Result | None = None  # a cancelled request: what it had committed, with its stats
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None  # seconds from submit to the first streamed tokens
@@ -245,9 +246,9 @@ class Engine:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.gen = generator
-        self.slots_per_pool, self.segment_steps = slots, segment_steps
+        self.slots_per_pool, self.segment_steps, self.max_queue = slots, segment_steps, max_queue
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue = queue.Queue()  # bounded by submit: queued + waiting <= max_queue
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -255,6 +256,7 @@ class Engine:
         self.pools: dict[Options, Pool] = {}
         self._waiting: dict[Options, list] = {}
         self._emitted: dict[tuple[Options, int], int] = {}
+        self._host: dict[Options, State] = {}  # each pool's rows after its last segment (host copy)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0,
                       "busy_seconds": 0.0, "per_mode": {}}
 
@@ -287,11 +289,10 @@ class Engine:
         if request.id is None:
             request = dataclasses.replace(request, id=next(self._ids))
         handle = Handle(request)
-        try:
-            self._queue.put_nowait(handle)
-        except queue.Full:
-            raise QueueFull(f"the engine's queue is full ({self._queue.maxsize} requests waiting)") from None
         with self._lock:
+            if self.queue_depth >= self.max_queue:
+                raise QueueFull(f"the engine's queue is full ({self.max_queue} requests waiting for a slot)")
+            self._queue.put_nowait(handle)
             self.stats["requests"] += 1
         return handle
 
@@ -301,7 +302,13 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + sum(len(w) for w in self._waiting.values())
+        """Requests waiting for a slot (queued or assigned to a pool)."""
+        return self._queue.qsize() + sum(len(w) for w in list(self._waiting.values()))
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (a server's health check)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def slots(self) -> int:
@@ -369,7 +376,10 @@ class Engine:
     def _turn(self, opts: Options, pool: Pool) -> None:
         gone = [i for i, h in enumerate(pool.owner) if h is not None and h.cancelled]
         for i in gone:
-            self._finish(pool.owner[i], error=Cancelled(f"request {pool.owner[i].id!r} was cancelled"))
+            h, host = pool.owner[i], self._host.get(opts)
+            if host is not None:  # what it had committed by the last segment, for its stats
+                h.partial = self.gen.row_result(host, opts, i, time.perf_counter() - pool.started[i])
+            self._finish(h, error=Cancelled(f"request {h.id!r} was cancelled"))
         pool.release(gone)
         waiting = self._waiting[opts]
         while waiting and waiting[0][0].cancelled:
@@ -386,7 +396,7 @@ class Engine:
         if not pool.busy():
             return
         t0 = time.perf_counter()
-        host = pool.run(self.segment_steps)
+        host = self._host[opts] = pool.run(self.segment_steps)
         now = time.perf_counter()
         with self._lock:
             self.stats["busy_seconds"] += now - t0

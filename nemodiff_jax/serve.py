@@ -447,8 +447,7 @@ class Server:
         limit = cfg.max_position_embeddings
         slack = 0 if mode == "ar" else block
         prompt_field = "messages" if chat else "prompt"
-        max_prompt = getattr(self.engine, "max_prompt_tokens", None)
-        max_new = getattr(self.engine, "max_new_tokens", None)
+        max_prompt, max_new = self.engine.max_prompt_tokens, self.engine.max_new_tokens
         if len(ids) + slack >= limit:
             raise APIError(f"the prompt has {len(ids)} tokens (+{slack} block slack): the model's context is "
                            f"{limit} positions", prompt_field)
@@ -666,6 +665,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not server.engine.alive:
+            return error_response("the engine's worker has stopped", status=503, type="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -802,9 +803,8 @@ def run(generator, model_name: str, host: str = "127.0.0.1", port: int = 8000, a
     if warmup:
         print(f"nemodiff serve: warmed up every mode in {warm_up(engine, generator):.1f} s", flush=True)
     app = create_app(server)
-    limits = ", ".join(f"{k} {getattr(engine, a)}" for k, a in (("slots per mode", "slots_per_pool"),
-                       ("max prompt tokens", "max_prompt_tokens"), ("max new tokens", "max_new_tokens"))
-                       if hasattr(engine, a))
+    limits = (f"slots per mode {engine.slots_per_pool}, max prompt tokens {engine.max_prompt_tokens}, "
+              f"max new tokens {engine.max_new_tokens}")
     print(f"nemodiff serve: '{model_name}' on http://{host}:{port}/v1 (modes: {', '.join(sorted(MODES))}; "
           f"queue {max_queue}{'; ' + limits if limits else ''}{'; API key required' if api_key else ''})",
           flush=True)

@@ -88,7 +88,7 @@ def test_segment_length_does_not_change_tokens(gen):
 
 
 def test_cancel_frees_the_slot_and_serving_goes_on(gen):
-    with small_engine(gen, slots=1, max_new_tokens=16) as e:
+    with small_engine(gen, slots=1, max_new_tokens=16, segment_steps=1) as e:  # 16 segments for 16 tokens
         long = e.submit(Request("ROMEO:", mode="ar", max_new_tokens=16))
         stream = long.stream()
         first = next(stream)
@@ -121,3 +121,19 @@ def test_full_queue_and_bad_requests(gen):
                 e.generate(r)
         assert len(e.generate(Request("HAMLET:", max_new_tokens=3)).tokens) == 3
         assert e.stats["failed"] == len(bad)
+
+
+def test_queue_bound_counts_requests_waiting_for_a_slot(gen):
+    """max_queue bounds the requests not yet in a slot; a running one does not count."""
+    with small_engine(gen, slots=1, max_queue=1, max_new_tokens=16, segment_steps=1) as e:
+        running = e.submit(Request("ROMEO:", mode="ar", max_new_tokens=16))
+        stream = running.stream()
+        next(stream)  # it holds the only slot now
+        waiting = e.submit(Request("HAMLET:", mode="ar", max_new_tokens=4))
+        with pytest.raises(QueueFull):
+            e.submit(Request("KING:", mode="ar", max_new_tokens=4))
+        running.cancel()
+        assert len(waiting.wait().tokens) == 4  # it got the slot the cancel freed
+        assert running.partial is not None and running.partial.stats["mode"] == "ar"  # stats of what it had
+        assert e.alive
+    assert not e.alive

@@ -365,7 +365,8 @@ class _Engine:
         self.items, self.error, self.refuse, self.handles = list(items), error, refuse, []
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "busy_seconds": 0.0,
                       "per_mode": {}}
-        self.queue_depth, self.slots, self.slots_in_use = 0, 1, 0
+        self.queue_depth, self.slots, self.slots_in_use, self.slots_per_pool = 0, 1, 0, 1
+        self.max_prompt_tokens, self.max_new_tokens, self.alive = 1024, 512, True
 
     def submit(self, request):
         if self.refuse is not None:
