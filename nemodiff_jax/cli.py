@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest per-request max_new_tokens (default: --max-new-tokens)")
     bt.add_argument("--no-progress", action="store_true")
     bt.add_argument("--distributed", action="store_true",
-                    help="multi-host: call jax.distributed.initialize(); each process takes every N-th line and "
-                         "should write its own --output")
+                    help="multi-host: call jax.distributed.initialize(); process k of N takes every N-th line and "
+                         "writes <output stem>.part<k><suffix>; restarts read every part")
     bt.set_defaults(fn=cmd_batch)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
