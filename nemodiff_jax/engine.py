@@ -202,6 +202,7 @@ class Handle:
         self._cancel = threading.Event()
         self.result: Result | None = None
         self.partial: Result | None = None  # a cancelled request: what it had committed, with its stats
+        self.finished = False  # set once, by the engine, when its stream ends
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None  # seconds from submit to the first streamed tokens
@@ -290,6 +291,8 @@ class Engine:
             request = dataclasses.replace(request, id=next(self._ids))
         handle = Handle(request)
         with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the engine has stopped")
             if self.queue_depth >= self.max_queue:
                 raise QueueFull(f"the engine's queue is full ({self.max_queue} requests waiting for a slot)")
             self._queue.put_nowait(handle)
@@ -312,11 +315,11 @@ class Engine:
 
     @property
     def slots(self) -> int:
-        return sum(p.n for p in self.pools.values())
+        return sum(p.n for p in list(self.pools.values()))
 
     @property
     def slots_in_use(self) -> int:
-        return sum(p.n - len(p.free()) for p in self.pools.values())
+        return sum(p.n - len(p.free()) for p in list(self.pools.values()))
 
     def plan(self, r: Request) -> tuple[list[int], RowPlan]:
         """The request's prompt ids and validated settings, within the engine's limits."""
@@ -368,10 +371,26 @@ class Engine:
                 try:
                     self._turn(opts, pool)
                 except Exception as e:  # noqa: BLE001 - a failing program fails its requests, not the engine
-                    for i, h in enumerate(pool.owner):
-                        if h is not None:
-                            self._finish(h, error=e)
+                    for h in [h for h in pool.owner if h is not None] + [w[0] for w in self._waiting.pop(opts, [])]:
+                        self._finish(h, error=e)
                     self.pools.pop(opts)
+                    self._host.pop(opts, None)
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """The engine stopped: every request not finished ends with Cancelled (no stream is left hanging)."""
+        stopped = Cancelled("the engine stopped")
+        handles = [h for p in self.pools.values() for h in p.owner if h is not None]
+        handles += [w[0] for ws in self._waiting.values() for w in ws]
+        while True:
+            try:
+                handles.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for h in handles:
+            self._finish(h, error=stopped)
+        self.pools.clear()
+        self._waiting.clear()
 
     def _turn(self, opts: Options, pool: Pool) -> None:
         gone = [i for i, h in enumerate(pool.owner) if h is not None and h.cancelled]
@@ -382,9 +401,9 @@ class Engine:
             self._finish(h, error=Cancelled(f"request {h.id!r} was cancelled"))
         pool.release(gone)
         waiting = self._waiting[opts]
-        while waiting and waiting[0][0].cancelled:
-            h = waiting.pop(0)[0]
+        for h in [w[0] for w in waiting if w[0].cancelled]:
             self._finish(h, error=Cancelled(f"request {h.id!r} was cancelled"))
+        waiting[:] = [w for w in waiting if not w[0].cancelled]
         free = pool.free()
         if waiting and free:
             admit = {}
@@ -417,6 +436,9 @@ class Engine:
         pool.release(finished)
 
     def _finish(self, h: Handle, result: Result | None = None, error: BaseException | None = None) -> None:
+        if h.finished:
+            return
+        h.finished = True
         h.result, h.error = result, error
         outcome = "finished" if error is None else "cancelled" if isinstance(error, Cancelled) else "failed"
         with self._lock:

@@ -16,7 +16,8 @@ from flax import nnx
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import ar, diffusion, speculative
-from nemodiff_jax.decoding.common import Options, RowSettings, State, initial_state, prefill, run_device, run_python
+from nemodiff_jax.decoding.common import (MAX_STOP_IDS, Options, RowSettings, State, initial_state, prefill,
+                                         run_device, run_python)
 from nemodiff_jax.lora import LoRA, load_lora
 from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
@@ -187,7 +188,13 @@ class Generator:
         if lora is not None and lora is not False and mode != "linear_spec":
             raise ValueError(f"lora is only used by mode 'linear_spec' (draft passes), not {mode!r}")
         Sampling.make(temperature, top_k, top_p)  # checks the values
-        stops = cfg.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
+        stops = cfg.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        bad = [t for t in stops if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
+               or not 0 <= t < cfg.vocab_size]
+        if bad or len(stops) > MAX_STOP_IDS:
+            raise ValueError(f"stop_token_ids must be at most {MAX_STOP_IDS} ints in [0, {cfg.vocab_size}), got "
+                             f"{list(stops)[:MAX_STOP_IDS + 1]}")
+        stops = tuple(int(t) for t in stops)
         return RowPlan(opts=self.make_options(mode, o), block=block, max_new=max_new_tokens,
                        temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
                        threshold=float(threshold), steps=o.get("steps") or block)

@@ -115,7 +115,9 @@ def test_full_queue_and_bad_requests(gen):
                (Request("x", mode="diffusion", max_new_tokens=4, options={"threshold": 2}), "threshold"),
                (Request("x", max_new_tokens=4, temperature=-1), "temperature"),
                (Request("x", max_new_tokens=4, seed=-1), "seed"),
-               (Request("", max_new_tokens=4), "empty")]
+               (Request("", max_new_tokens=4), "empty"),
+               (Request("x", max_new_tokens=4, stop_token_ids=list(range(17))), "at most 16"),
+               (Request("x", max_new_tokens=4, stop_token_ids=[2 ** 40]), "stop_token_ids")]
         for r, msg in bad:
             with pytest.raises(ValueError, match=msg):
                 e.generate(r)
@@ -137,3 +139,21 @@ def test_queue_bound_counts_requests_waiting_for_a_slot(gen):
         assert running.partial is not None and running.partial.stats["mode"] == "ar"  # stats of what it had
         assert e.alive
     assert not e.alive
+
+
+def test_many_stop_ids_and_stopping_leave_no_stream_hanging(gen):
+    """Rows with 16 stop ids share a pool with rows of one; stopping the engine ends every open stream."""
+    with small_engine(gen) as e:
+        few = e.submit(Request("HAMLET:", max_new_tokens=6, stop_token_ids=[11]))
+        many = e.submit(Request("HAMLET:", max_new_tokens=6, stop_token_ids=list(range(8000, 8016))))
+        assert few.wait().tokens == many.wait().tokens  # none of those ids occurs here
+    e = small_engine(gen, slots=1, max_new_tokens=16, segment_steps=1).start()
+    running = e.submit(Request("ROMEO:", max_new_tokens=16))
+    waiting = e.submit(Request("KING:", max_new_tokens=4))
+    next(running.stream())
+    e.stop()
+    for h in (running, waiting):
+        with pytest.raises(Cancelled):
+            h.wait()
+    with pytest.raises(RuntimeError, match="stopped"):
+        e.submit(Request("x", max_new_tokens=4))

@@ -34,7 +34,7 @@ class Options:
     attn_impl: object = "auto"  # "auto" | "xla" | "pallas" | "cudnn" | attention.Sharded
 
 
-STOP_WIDTH = 8  # stop ids per row (padded with -1); more widen the array to the next multiple of 8
+MAX_STOP_IDS = 16  # stop ids per row: the width of RowSettings.stop_ids (padded with -1)
 
 
 @jax.tree_util.register_dataclass
@@ -52,8 +52,9 @@ class RowSettings:
     def make(cls, max_new, temperature, top_k, top_p, stop_ids, threshold, steps) -> RowSettings:
         """From per-row Python values (lists of length B; top_k / top_p entries may be None, stop_ids a list
         of id lists)."""
-        width = max(STOP_WIDTH, -(-max((len(x) for x in stop_ids), default=0) // STOP_WIDTH) * STOP_WIDTH)
-        stops = np.full((len(stop_ids), width), -1, np.int32)
+        if max((len(x) for x in stop_ids), default=0) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids per request")
+        stops = np.full((len(stop_ids), MAX_STOP_IDS), -1, np.int32)  # one width: rows of any request mix
         for i, ids in enumerate(stop_ids):
             stops[i, :len(ids)] = ids
         return cls(max_new=jnp.asarray(max_new, jnp.int32), sampling=Sampling.make(temperature, top_k, top_p),
