@@ -46,8 +46,8 @@ run: $(STAMP)
 	$(PY) -m nemodiff_jax.cli demo
 
 # Two worker processes, whole files each: the suite takes about half the wall time on 2 cores, and no single
-# process accumulates every compiled program (a single-process run of the full suite has crashed inside XLA's
-# CPU compiler, in libgcc's unwinder, on 2026-12-02; each half alone does not).
+# process accumulates every compiled program (two single-process runs of the full suite crashed inside XLA's
+# CPU compiler, in libgcc's unwinder, on 2026-12-02; split over two processes it passed).
 PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
