@@ -35,8 +35,8 @@ from flax import nnx
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.decoding import ar
 from nemodiff_jax.decoding.common import Options, RowSettings, State, initial_state, prefill
-from nemodiff_jax.generate import (MODES, Generator, Result, RowPlan, _bucket, _prefill_fn, _round_up,
-                                   buffer_sizes, host_rows, row_settings, row_tokens)
+from nemodiff_jax.generate import (MODES, Generator, Result, RowPlan, _bucket, _round_up, buffer_sizes, host_rows,
+                                   row_settings, row_tokens)
 
 
 # ------------------------------------------------------------------ decode slots
@@ -86,6 +86,15 @@ def _segment_fn(graphdef, params, step_fn, opts: Options, st: State, max_steps) 
     return st
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _empty_state(cfg, dtype, n: int, capacity: int, out_len: int, cache_sharding, keys, rows: RowSettings,
+                 lora) -> State:
+    """`n` done rows over a zeroed cache: no forward runs until the first admission."""
+    cache = KVCache.init(cfg, n, capacity, dtype, sharding=cache_sharding)
+    st = initial_state(cache, out_len, keys, rows, lora, jnp.zeros((n,), jnp.int32))
+    return dataclasses.replace(st, done=jnp.ones((n,), bool))
+
+
 @jax.jit
 def _stop_rows(st: State, stop) -> State:
     return dataclasses.replace(st, done=st.done | stop)
@@ -113,15 +122,14 @@ class Pool:
         return any(o is not None for o in self.owner)
 
     def _initial(self) -> State:
-        """An all-done state of `slots` rows (one-token prompts), so every admission is a row refill."""
+        """An all-done state of `slots` rows, so every admission is a row refill."""
         g, n = self.gen, self.n
-        prompt, lens, keys = g.prompt_rows([[0]] * n, 16, [0] * n)
-        rows = g.place_rows(RowSettings.make([1] * n, [0.0] * n, [None] * n, [None] * n, [()] * n, [0.0] * n,
-                                             [self.opts.block] * n))[0]
-        with jax.default_matmul_precision(g._precision):
-            st = _prefill_fn(g._graphdef, g._params, prompt, lens, keys, rows, self.lora, self.capacity,
-                             self.out_len, self.opts, g.cache_sharding(n))
-        return dataclasses.replace(st, done=jnp.ones_like(st.done))
+        keys = jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32))
+        rows = RowSettings.make([1] * n, [0.0] * n, [None] * n, [None] * n, [()] * n, [0.0] * n,
+                                [self.opts.block] * n)
+        keys, rows = g.place_rows(keys, rows)
+        return _empty_state(g.config, g.dtype, n, self.capacity, self.out_len, g.cache_sharding(n), keys, rows,
+                            self.lora)
 
     def admit(self, items: dict[int, tuple[object, list[int], int, RowPlan]]) -> None:
         """items: slot -> (owner, prompt ids, seed, plan). The prompts are prefilled together, padded to a
