@@ -1,15 +1,14 @@
-"""Batch generation jobs: JSONL in -> JSONL out, continuous batching, resumable, data parallel.
+"""Batch generation jobs: JSONL in -> JSONL out, on the serving engine, resumable, one file per process.
 
 Input lines: {"id": ..., "prompt": str | [int] | "messages": [...], optional "mode", "max_new_tokens",
 "temperature", "seed"}. Output lines: {"id", "text", "tokens", "stats"}, appended and flushed one result at a
 time, so a killed job loses nothing it finished; on restart, ids already in the output are skipped and a torn
 last line is cut off. Malformed input lines are reported with their line number and the job goes on.
 
-Requests are grouped by program (mode, block size, policy: engine.Pool), each with B slots on device; every
-row carries its own temperature, budget, seed and stop ids as traced values, so a new value never compiles.
-The pools take turns, a segment each, so a mixed file runs as one job. When a row finishes, the segment
-returns, the row's result is written, and its slot is refilled with the next request by a prefill of the
-new rows alone, scattered into the shared cache (the other rows' K/V are untouched).
+The requests run as one continuous job on engine.Engine: one pool of decode slots per program (mode, block
+size, policy), the pools taking turns, every row with its own temperature, budget, seed and stop ids as
+traced values (a new value never compiles). When a row finishes its result is written and its slot is
+refilled with the next request by a prefill of the new rows alone.
 """
 
 from __future__ import annotations
@@ -17,16 +16,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import jax
 from tqdm.auto import tqdm
 
-from nemodiff_jax.engine import Pool
-from nemodiff_jax.generate import MODES, Generator, _round_up, buffer_sizes
+from nemodiff_jax.engine import Engine, Handle
+from nemodiff_jax.engine import Request as EngineRequest
+from nemodiff_jax.generate import MODE_OPTIONS, MODES, Generator
+from nemodiff_jax.slots import RowPlan
 
 REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed"}
 
@@ -46,7 +47,7 @@ class Request:
     seed: int
 
 
-def parse_request(line_no: int, raw: str, gen: Generator, defaults) -> Request:
+def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -60,18 +61,18 @@ def parse_request(line_no: int, raw: str, gen: Generator, defaults) -> Request:
         raise BadRequest(f"line {line_no}: missing or invalid 'id'")
     if ("prompt" in obj) == ("messages" in obj):
         raise BadRequest(f"line {line_no}: give exactly one of 'prompt' or 'messages'")
-    mode = obj.get("mode", defaults.mode)
+    mode = obj.get("mode", job.mode)
     if mode not in MODES:
         raise BadRequest(f"line {line_no}: unknown mode {mode!r}")
-    max_new = obj.get("max_new_tokens", defaults.max_new_tokens)
-    if not isinstance(max_new, int) or not 1 <= max_new <= defaults.max_new_tokens_cap:
-        raise BadRequest(f"line {line_no}: max_new_tokens must be an int in [1, {defaults.max_new_tokens_cap}]")
-    temperature = obj.get("temperature", defaults.temperature)
+    max_new = obj.get("max_new_tokens", job.max_new_tokens)
+    if not isinstance(max_new, int) or not 1 <= max_new <= job.cap:
+        raise BadRequest(f"line {line_no}: max_new_tokens must be an int in [1, {job.cap}]")
+    temperature = obj.get("temperature", job.temperature)
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise BadRequest(f"line {line_no}: temperature must be a number >= 0")
-    seed = obj.get("seed", defaults.seed)
-    if not isinstance(seed, int):
-        raise BadRequest(f"line {line_no}: seed must be an int")
+    seed = obj.get("seed", job.seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        raise BadRequest(f"line {line_no}: seed must be an int in [0, 2**32)")
     try:
         if "messages" in obj:
             if gen.tokenizer is None:
@@ -81,9 +82,9 @@ def parse_request(line_no: int, raw: str, gen: Generator, defaults) -> Request:
             ids = gen.encode_prompts([obj["prompt"]])[0]
     except (ValueError, TypeError) as e:
         raise BadRequest(f"line {line_no}: {e}") from None
-    if len(ids) > defaults.max_prompt_tokens:
+    if len(ids) > job.max_prompt_tokens:
         raise BadRequest(f"line {line_no}: prompt of {len(ids)} tokens exceeds the job's limit "
-                         f"{defaults.max_prompt_tokens} (--max-prompt-tokens)")
+                         f"{job.max_prompt_tokens} (--max-prompt-tokens)")
     return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed)
 
 
@@ -119,25 +120,44 @@ def done_ids(path: Path, mine: Path) -> set[str]:
     return set().union(*(read_done_ids(p, repair=p == mine) for p in shards))
 
 
-def run_batch_job(args) -> int:
-    """The `nemodiff batch` command (see cli.py for the flags)."""
-    from nemodiff_jax.cli import default_model, mesh_from_args
-    from nemodiff_jax.generate import load
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A batch job's settings (the `nemodiff batch` flags). `mode`, `max_new_tokens`, `temperature` and `seed`
+    are the defaults of lines that do not set them; `mode_options` (block_size, threshold, policy) apply to
+    every request whose mode takes them, and one that no request's mode takes is an error."""
 
-    if args.distributed:
-        jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
-    mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
-    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
-    in_path = Path(args.input)
+    input: Path
+    output: Path
+    batch_size: int = 8
+    mode: str = "linear_spec"
+    max_new_tokens: int = 128
+    max_new_tokens_cap: int | None = None  # the largest a line may ask for (default: max_new_tokens)
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    max_prompt_tokens: int = 1024
+    mode_options: dict = dataclasses.field(default_factory=dict)
+    progress: bool = True
+
+    @property
+    def cap(self) -> int:
+        return max(self.max_new_tokens, self.max_new_tokens_cap or self.max_new_tokens)
+
+
+def run_batch_job(gen: Generator, job: Job) -> int:
+    """Runs the job (this process's share of the lines under jax.distributed); returns the exit status: 0,
+    or 1 when a request failed on the device (it is not written, so a restart retries it)."""
+    if job.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {job.batch_size}")
+    in_path = Path(job.input)
     if not in_path.exists():
         raise FileNotFoundError(f"{in_path}: input file not found")
     shard, num_shards = jax.process_index(), jax.process_count()
-    out_path = shard_output(Path(args.output), shard, num_shards)
-    done = done_ids(Path(args.output), out_path)
-    defaults = argparse_defaults(args, gen)
+    out_path = shard_output(Path(job.output), shard, num_shards)
+    done = done_ids(Path(job.output), out_path)
 
-    pending: dict[object, list[Request]] = defaultdict(list)
-    plans: dict[str, object] = {}
+    pending: list[tuple[Request, RowPlan]] = []
     seen: set[str] = set()
     errors = 0
     with open(in_path) as f:
@@ -145,75 +165,76 @@ def run_batch_job(args) -> int:
             if not raw.strip() or (line_no - 1) % num_shards != shard:
                 continue
             try:
-                r = parse_request(line_no, raw, gen, defaults)
+                r = parse_request(line_no, raw, gen, job)
                 if r.id in seen:
                     raise BadRequest(f"line {line_no}: duplicate id {r.id!r} (first seen earlier)")
-                plan = request_plan(gen, r, defaults, args)
+                plan = request_plan(gen, r, job)
             except BadRequest as e:
                 errors += 1
                 print(f"nemodiff batch: skipped {e}", file=sys.stderr)
                 continue
             seen.add(r.id)
             if r.id not in done:
-                pending[plan.opts].append(r)
-                plans[r.id] = plan
-    check_flags_used(defaults.mode_options, {opts.mode for opts in pending})
-    total = sum(len(v) for v in pending.values())
-    batch = args.batch_size
-    if mesh is not None:
-        batch = _round_up(batch, mesh.shape["data"])
-    tokens = 0
+                pending.append((r, plan))
+    check_flags_used(job.mode_options, {r.mode for r, _ in pending})
+    finished: queue.Queue[Handle] = queue.Queue()
+    engine = Engine(gen, slots=max(1, min(job.batch_size, len(pending))), max_queue=max(1, len(pending)),
+                    max_prompt_tokens=job.max_prompt_tokens, max_new_tokens=job.cap, segment_steps=1 << 30,
+                    on_finish=finished.put)
+    tokens, failed = 0, 0
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="batch", unit="req", disable=args.no_progress)
-    # one pool of slots per program (mode, block, policy); pools take turns, a segment each, so a mixed file
-    # runs as one job and a new temperature or threshold is just another row's value
-    pools = {}
-    for opts, reqs in pending.items():
-        reqs.reverse()  # pop() from the end keeps input order
-        capacity, out_len = buffer_sizes(defaults.max_prompt_tokens, defaults.max_new_tokens_cap, opts.block)
-        lora = gen.drafter if opts.mode == "linear_spec" else None
-        pools[opts] = Pool(gen, opts, lora, batch if mesh is not None else min(batch, len(reqs)), capacity, out_len)
-    with open(out_path, "a") as out:
-        while any(pending.values()) or any(p.busy() for p in pools.values()):
-            for opts, pool in pools.items():
-                reqs = pending[opts]
-                free = pool.free()
-                if reqs and free:
-                    pool.admit({i: (r, r.ids, r.seed, plans[r.id]) for i, r in
-                                ((i, reqs.pop()) for i in free[: len(reqs)])})
-                if not pool.busy():
-                    continue
-                host = pool.run()
-                now = time.perf_counter()
-                finished = [i for i, r in enumerate(pool.owner) if r is not None and bool(host.done[i])]
-                for i in finished:
-                    r = pool.owner[i]
-                    res = gen.row_result(host, pool.opts, i, now - pool.started[i])
-                    out.write(json.dumps({"id": r.id, "text": res.text, "tokens": res.tokens, "stats": res.stats})
-                              + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())
-                    tokens += len(res.tokens)
-                    bar.update(1)
-                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
-                pool.release(finished)
+    bar = tqdm(total=len(pending), desc="batch", unit="req", disable=not job.progress)
+    with engine, open(out_path, "a") as out:
+        for r, plan in pending:
+            engine.submit(EngineRequest(prompt=r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
+                                        temperature=r.temperature, top_k=job.top_k, top_p=job.top_p, seed=r.seed,
+                                        options=plan_options(r.mode, job), id=r.id))
+        for _ in pending:
+            h = next_finished(finished, engine)
+            if h.error is not None:
+                failed += 1
+                print(f"nemodiff batch: request {h.id!r} failed: {h.error}", file=sys.stderr)
+                continue
+            write_result(out, h.id, h.result)
+            tokens += len(h.result.tokens)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
     wall = time.perf_counter() - t0
-    print(f"nemodiff batch: {total} requests ({len(done)} already done, {errors} malformed lines skipped), "
-          f"{tokens} tokens in {wall:.1f}s = {tokens / wall if wall else 0:.1f} tok/s -> {out_path}",
-          file=sys.stderr)
-    return 0
+    print(f"nemodiff batch: {len(pending)} requests ({len(done)} already done, {errors} malformed lines skipped"
+          f"{f', {failed} failed' if failed else ''}), {tokens} tokens in {wall:.1f}s = "
+          f"{tokens / wall if wall else 0:.1f} tok/s -> {out_path}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def request_plan(gen: Generator, r: Request, defaults, args):
+def next_finished(finished: queue.Queue, engine: Engine) -> Handle:
+    """The next finished request; an error if the engine stopped with requests still open."""
+    while True:
+        try:
+            return finished.get(timeout=1.0)
+        except queue.Empty:
+            if not engine.alive and finished.empty():
+                raise RuntimeError("the engine stopped before the job finished") from None
+
+
+def write_result(out, rid: str, result) -> None:
+    """One output line, flushed to disk before the next (a kill loses nothing already written)."""
+    out.write(json.dumps({"id": rid, "text": result.text, "tokens": result.tokens, "stats": result.stats}) + "\n")
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def plan_options(mode: str, job: Job) -> dict:
+    """The job's mode options that this request's mode takes."""
+    return {k: v for k, v in job.mode_options.items() if k in MODE_OPTIONS[mode]}
+
+
+def request_plan(gen: Generator, r: Request, job: Job) -> RowPlan:
     """The request's validated settings: the job's flags where its mode takes them (block size, threshold,
     policy), the line's own temperature, budget and seed."""
-    from nemodiff_jax.generate import MODE_OPTIONS
-
-    options = {k: v for k, v in defaults.mode_options.items() if k in MODE_OPTIONS[r.mode]}
     try:
-        return gen.check_request(r.mode, r.max_new_tokens, len(r.ids), r.temperature, args.top_k, args.top_p,
-                                 None, None, options)
+        return gen.check_request(r.mode, r.max_new_tokens, len(r.ids), r.temperature, job.top_k, job.top_p,
+                                 None, None, plan_options(r.mode, job))
     except ValueError as e:
         raise BadRequest(f"line {r.line}: {e}") from None
 
@@ -221,29 +242,7 @@ def request_plan(gen: Generator, r: Request, defaults, args):
 def check_flags_used(mode_options: dict, modes: set[str]) -> None:
     """A mode flag (--block-size, --threshold, --policy) that no request's mode takes is an error, not a
     silent no-op."""
-    from nemodiff_jax.generate import MODE_OPTIONS
-
     unused = [k for k in mode_options if not any(k in MODE_OPTIONS[m] for m in modes)]
     if unused:
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise ValueError(f"{flags} given, but no request's mode ({', '.join(sorted(modes)) or 'none'}) takes it")
-
-
-@dataclasses.dataclass
-class _Defaults:
-    mode: str
-    max_new_tokens: int
-    max_new_tokens_cap: int
-    temperature: float
-    seed: int
-    max_prompt_tokens: int
-    mode_options: dict
-
-
-def argparse_defaults(args, gen: Generator) -> _Defaults:
-    from nemodiff_jax.cli import flag_mode_options
-
-    cap = max(args.max_new_tokens, args.max_new_tokens_cap or args.max_new_tokens)
-    return _Defaults(mode=args.mode, max_new_tokens=args.max_new_tokens, max_new_tokens_cap=cap,
-                     temperature=args.temperature, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
-                     mode_options=flag_mode_options(args))

@@ -366,7 +366,7 @@ def copy_limit(nbytes: int | None = None, *, device=None, vendor: bool = True) -
 
 def size_config(name: str) -> Config:
     if name == EMBEDDED:
-        from nemodiff_jax.cli import ASSETS
+        from nemodiff_jax.embedded import ASSETS
 
         return Config.from_file(ASSETS / "config.json")
     return PRESETS[name]
@@ -470,13 +470,14 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     """End-to-end on-device decode loop of one mode (prefill excluded), mode defaults as the Generator's:
     tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
     commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real."""
-    from nemodiff_jax.generate import MODES as DECODERS
-    from nemodiff_jax.generate import MODE_OPTIONS, _round_up, decoding_options
+    from nemodiff_jax.generate import MODE_OPTIONS, decoding_options
+    from nemodiff_jax.slots import MODES as DECODERS
+    from nemodiff_jax.slots import round_up
 
     graphdef, params = nnx.split(model)
     opts = decoding_options(cfg, mode, {}, attn_impl)
     step = DECODERS[mode].step
-    capacity = _round_up(prompt_len + new_tokens + 2 * cfg.block_size + 64, 128)
+    capacity = round_up(prompt_len + new_tokens + 2 * cfg.block_size + 64, 128)
 
     def fresh():
         cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, sharding=cache_sharding(cfg, batch, mesh),
@@ -556,7 +557,7 @@ def bench_size(name: str, settings: Settings, hbm: HbmLimit, mesh=None, save=lam
 
 def bench_embedded() -> list[dict]:
     """The embedded model (real weights) per mode: batch 1, 128 new tokens, bf16."""
-    from nemodiff_jax.cli import DEMO_PROMPTS, default_model
+    from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
     from nemodiff_jax.generate import load
 
     gen = load(default_model(), dtype="bfloat16", progress=False)

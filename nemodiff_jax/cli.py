@@ -7,15 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
+
 MODES = ("ar", "diffusion", "linear_spec")
-
-
-def default_model() -> Path:
-    """The embedded default model (trained here; see docs/EMBEDDED_MODEL.md)."""
-    if not (ASSETS / "config.json").exists():
-        raise SystemExit(f"no embedded model in {ASSETS}: pass --model PATH")
-    return ASSETS
 
 
 def cmd_convert(args) -> int:
@@ -79,14 +73,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEMO_PROMPTS = [
-    "ROMEO:\nBut soft, what light through yonder window breaks?",
-    "KING HENRY:\nOnce more unto the breach, dear friends,",
-    "HAMLET:\nTo be, or not to be,",
-    "Of Man's first disobedience, and the fruit",
-]
-
-
 def cmd_demo(args) -> int:
     """The main job: all three modes on the embedded model, with a stats table."""
     from nemodiff_jax.generate import load
@@ -146,9 +132,21 @@ def mesh_from_args(tensor_parallel: int, data_parallel: bool):
 
 
 def cmd_batch(args) -> int:
-    from nemodiff_jax.batch import run_batch_job
+    from nemodiff_jax.batch import Job, run_batch_job
+    from nemodiff_jax.generate import load
 
-    return run_batch_job(args)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
+    mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
+    job = Job(input=Path(args.input), output=Path(args.output), batch_size=args.batch_size, mode=args.mode,
+              max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+              max_prompt_tokens=args.max_prompt_tokens, mode_options=flag_mode_options(args),
+              progress=not args.no_progress)
+    return run_batch_job(gen, job)
 
 
 def cmd_bench(args) -> int:
@@ -261,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None,
                     help="the model's name in the API (default: --model as given, or nemodiff-embedded)")
     sv.add_argument("--warmup", action="store_true",
-                    help="before serving, compile every mode for short prompts (one small request each)")
+                    help="before serving, compile every mode's default program at every admission shape (row counts "
+                         "up to --slots x prompt widths up to --max-prompt-tokens); set JAX_COMPILATION_CACHE_DIR "
+                         "to keep the compiles across restarts")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(fn=cmd_serve)
 

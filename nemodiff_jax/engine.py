@@ -9,7 +9,7 @@ bounded queue that says "busy" when full.
     handle.cancel()                # frees the request's place at once
     engine.stop()
 
-Design: one pool of decode slots per program (mode, block size, policy; engine.Pool), because the modes'
+Design: one pool of decode slots per program (mode, block size, policy; slots.Pool), because the modes'
 steps are different programs (a 1-token causal step against 32-token denoise/draft/verify passes): one pool
 for all would run AR rows through 32-token chunks. Every other request value (temperature, top-k, top-p,
 seed, budget, stop ids, threshold, steps) is a traced per-row array (decoding.common.RowSettings), so a new
@@ -20,156 +20,15 @@ single-mode parts cost run one after another, with each pool's rows batched.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from nemodiff_jax.cache import KVCache
-from nemodiff_jax.decoding import ar
-from nemodiff_jax.decoding.common import Options, RowSettings, State, initial_state, prefill
-from nemodiff_jax.generate import (MODES, Generator, Result, RowPlan, _bucket, _round_up, buffer_sizes, host_rows,
-                                   row_settings, row_tokens)
-
-
-# ------------------------------------------------------------------ decode slots
-
-
-ROW_FIELDS = ("out", "n_out", "done", "seed", "keys", "rows", "passes", "rounds", "work")  # State's per-row parts
-
-
-def _set_rows(old, new, idx):
-    """old[idx] = new along the leading (row) axis, for arrays and PRNG keys."""
-    if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(_set_rows(jax.random.key_data(old), jax.random.key_data(new), idx))
-    return old.at[idx].set(new)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
-def _admit_fn(graphdef, params, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options) -> State:
-    """Prefills only the new rows (idx [k], prompts [k, P]) through the model's attention path into a k-row
-    cache of the prompt's width, then scatters their K/V (P slots per row) and per-row state into the shared
-    state: the other rows' cache is not touched, nor copied."""
-    model = nnx.merge(graphdef, params)
-    k, width = prompt.shape
-    small = KVCache.init(model.config, k, _round_up(width, 128), model.dtype)
-    last, small = prefill(model, prompt, lens, small, opts)
-    first = ar.first_token(last, small, keys, rows.sampling)
-    new = initial_state(small, st.out.shape[1], keys, rows, st.lora, first)
-    slots = jnp.arange(width)[None, :]
-    cache = dataclasses.replace(
-        st.cache, lengths=st.cache.lengths.at[idx].set(lens),
-        k=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.k, small.k)),
-        v=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.v, small.v)))
-    fields = {f: jax.tree.map(lambda a, b: _set_rows(a, b, idx), getattr(st, f), getattr(new, f)) for f in ROW_FIELDS}
-    return dataclasses.replace(st, cache=cache, total_passes=st.total_passes + 1, **fields)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
-def _segment_fn(graphdef, params, step_fn, opts: Options, st: State, max_steps) -> State:
-    """Steps until a row that was running finishes, all are done, or `max_steps` (traced) steps ran."""
-    model = nnx.merge(graphdef, params)
-    done0 = st.done
-
-    def cond(c):
-        s, i = c
-        return ~jnp.all(s.done) & ~jnp.any(s.done & ~done0) & (i < max_steps)
-
-    st, _ = jax.lax.while_loop(cond, lambda c: (step_fn(model, c[0], opts), c[1] + 1), (st, jnp.int32(0)))
-    return st
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _empty_state(cfg, dtype, n: int, capacity: int, out_len: int, cache_sharding, keys, rows: RowSettings,
-                 lora) -> State:
-    """`n` done rows over a zeroed cache: no forward runs until the first admission."""
-    cache = KVCache.init(cfg, n, capacity, dtype, sharding=cache_sharding)
-    st = initial_state(cache, out_len, keys, rows, lora, jnp.zeros((n,), jnp.int32))
-    return dataclasses.replace(st, done=jnp.ones((n,), bool))
-
-
-@jax.jit
-def _stop_rows(st: State, stop) -> State:
-    return dataclasses.replace(st, done=st.done | stop)
-
-
-class Pool:
-    """`slots` decode rows of one program (mode, block, policy, drafter): rows of different requests run in
-    one on-device loop, each with its own RowSettings, prompt length and progress. A finished or cancelled
-    row's slot takes the next request by a prefill of the new rows alone."""
-
-    def __init__(self, gen: Generator, opts: Options, lora, slots: int, capacity: int, out_len: int):
-        self.gen, self.opts, self.lora, self.n = gen, opts, lora, slots
-        if gen.mesh is not None and slots % gen.mesh.shape["data"]:
-            raise ValueError(f"{slots} slots must divide over the mesh's {gen.mesh.shape['data']} data rows")
-        self.capacity, self.out_len = capacity, out_len
-        self.step_fn = MODES[opts.mode].step
-        self.st: State | None = None
-        self.owner: list[object | None] = [None] * slots  # whatever the caller keeps per slot
-        self.started = [0.0] * slots
-
-    def free(self) -> list[int]:
-        return [i for i, o in enumerate(self.owner) if o is None]
-
-    def busy(self) -> bool:
-        return any(o is not None for o in self.owner)
-
-    def _initial(self) -> State:
-        """An all-done state of `slots` rows, so every admission is a row refill."""
-        g, n = self.gen, self.n
-        keys = jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32))
-        rows = RowSettings.make([1] * n, [0.0] * n, [None] * n, [None] * n, [()] * n, [0.0] * n,
-                                [self.opts.block] * n)
-        keys, rows = g.place_rows(keys, rows)
-        return _empty_state(g.config, g.dtype, n, self.capacity, self.out_len, g.cache_sharding(n), keys, rows,
-                            self.lora)
-
-    def admit(self, items: dict[int, tuple[object, list[int], int, RowPlan]]) -> None:
-        """items: slot -> (owner, prompt ids, seed, plan). The prompts are prefilled together, padded to a
-        power-of-two count and width (a handful of shapes)."""
-        if not items:
-            return
-        g = self.gen
-        if self.st is None:
-            self.st = self._initial()
-        now = time.perf_counter()
-        slots = sorted(items)
-        for i in slots:
-            self.owner[i], self.started[i] = items[i][0], now
-        count = min(_bucket(len(slots), 1), self.n)
-        if g.mesh is not None:  # rows split over "data": a whole number of rows per device
-            count = min(_round_up(count, g.mesh.shape["data"]), self.n)
-        pad = slots + [slots[0]] * (count - len(slots))  # repeats rewrite the same row with the same values
-        ids = [items[i][1] for i in pad]
-        prompt, lens, keys = g.prompt_rows(ids, _bucket(max(map(len, ids))), [items[i][2] for i in pad])
-        rows = row_settings([items[i][3] for i in pad])
-        with jax.default_matmul_precision(g._precision):
-            self.st = _admit_fn(g._graphdef, g._params, self.st, jnp.asarray(pad, jnp.int32), prompt, lens, keys,
-                                rows, self.opts)
-
-    def run(self, max_steps: int = 1 << 30) -> State:
-        """Advances until some row finishes (or max_steps); returns the rows' state on the host."""
-        g = self.gen
-        with jax.default_matmul_precision(g._precision):
-            self.st = _segment_fn(g._graphdef, g._params, self.step_fn, self.opts, self.st, jnp.int32(max_steps))
-        return host_rows(self.st)
-
-    def release(self, slots: Sequence[int]) -> None:
-        """Frees slots now (a cancelled or finished request): their rows stop at once."""
-        if not slots:
-            return
-        stop = np.zeros(self.n, bool)
-        stop[list(slots)] = True
-        for i in slots:
-            self.owner[i] = None
-        self.st = _stop_rows(self.st, self.gen.place_rows(jnp.asarray(stop))[0])
+from nemodiff_jax.decoding.common import Options, State
+from nemodiff_jax.generate import MODES, Generator, Result
+from nemodiff_jax.slots import Pool, RowPlan, buffer_sizes, round_up, row_tokens
 
 
 class QueueFull(RuntimeError):
@@ -249,12 +108,14 @@ class Engine:
     their slots, and waiting requests are prefilled into them."""
 
     def __init__(self, generator: Generator, slots: int = 8, max_queue: int = 64, max_prompt_tokens: int = 1024,
-                 max_new_tokens: int = 512, segment_steps: int = 8):
+                 max_new_tokens: int = 512, segment_steps: int = 8,
+                 on_finish: Callable[[Handle], None] | None = None):
         for name, v in (("slots", slots), ("max_queue", max_queue), ("max_prompt_tokens", max_prompt_tokens),
                         ("max_new_tokens", max_new_tokens), ("segment_steps", segment_steps)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.gen = generator
+        self.on_finish = on_finish  # called on the worker thread with each handle as it ends (any outcome)
         self.slots_per_pool, self.segment_steps, self.max_queue = slots, segment_steps, max_queue
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self._queue: queue.Queue = queue.Queue()  # bounded by submit: queued + waiting <= max_queue
@@ -289,6 +150,26 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def warm_up(self, requests: Sequence[Request] | None = None) -> int:
+        """Compiles, before start(), every program the given requests' pools run (default: one request per
+        mode with its default options) at every admission shape (Pool.admission_shapes: row counts x prompt
+        widths up to max_prompt_tokens), so no client waits for a compile. Returns the admissions run."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up runs before start()")
+        if requests is None:
+            requests = [Request(prompt=[0], mode=m, max_new_tokens=1) for m in sorted(MODES)]
+        runs = 0
+        for r in requests:
+            _, plan = self.plan(dataclasses.replace(r, max_new_tokens=1))
+            pool = self._pool(plan.opts)
+            for count, width in pool.admission_shapes(self.max_prompt_tokens):
+                prompt = [0] * min(width, self.max_prompt_tokens)
+                pool.admit({i: (True, prompt, 0, plan) for i in range(count)})
+                pool.run(until_all=True)
+                pool.release(range(count))
+                runs += 1
+        return runs
 
     # ------------------------------------------------------------------ requests
 
@@ -349,10 +230,8 @@ class Engine:
         if opts not in self.pools:
             capacity, out_len = buffer_sizes(self.max_prompt_tokens, self.max_new_tokens, opts.block)
             lora = self.gen.drafter if opts.mode == "linear_spec" else None
-            slots = self.slots_per_pool
-            if self.gen.mesh is not None:
-                slots = _round_up(slots, self.gen.mesh.shape["data"])
-            self.pools[opts] = Pool(self.gen, opts, lora, slots, capacity, out_len)
+            rt = self.gen.runtime
+            self.pools[opts] = Pool(rt, opts, lora, round_up(self.slots_per_pool, rt.data_rows), capacity, out_len)
             self._waiting.setdefault(opts, [])
         return self.pools[opts]
 
@@ -372,18 +251,22 @@ class Engine:
                 self._finish(h, error=e)
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            busy = any(p.busy() for p in self.pools.values()) or any(self._waiting.values())
-            self._intake(block=not busy)
-            for opts, pool in list(self.pools.items()):
-                try:
-                    self._turn(opts, pool)
-                except Exception as e:  # noqa: BLE001 - a failing program fails its requests, not the engine
-                    for h in [h for h in pool.owner if h is not None] + [w[0] for w in self._waiting.pop(opts, [])]:
-                        self._finish(h, error=e)
-                    self.pools.pop(opts)
-                    self._host.pop(opts, None)
-        self._shut_down()
+        try:
+            while not self._stopping.is_set():
+                busy = any(p.busy() for p in self.pools.values()) or any(self._waiting.values())
+                self._intake(block=not busy)
+                for opts, pool in list(self.pools.items()):
+                    try:
+                        self._turn(opts, pool)
+                    except Exception as e:  # noqa: BLE001 - a failing program fails its requests, not the engine
+                        for h in [h for h in pool.owner if h is not None] + [w[0] for w in self._waiting.pop(opts, [])]:
+                            self._finish(h, error=e)
+                        self.pools.pop(opts)
+                        self._host.pop(opts, None)
+        finally:  # stopped, or the thread itself dies: no stream is left hanging
+            with self._lock:
+                self._stopping.set()  # submit refuses from now on
+            self._shut_down()
 
     def _shut_down(self) -> None:
         """The engine stopped: every request not finished ends with Cancelled (no stream is left hanging)."""
@@ -461,3 +344,5 @@ class Engine:
                     m["rounds"] += result.stats["rounds"]
                     m["accepted"] += result.stats["mean_accepted_per_round"] * result.stats["rounds"]
         h._items.put(_DONE)
+        if self.on_finish is not None:
+            self.on_finish(h)

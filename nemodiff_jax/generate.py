@@ -15,16 +15,15 @@ from flax import nnx
 
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
-from nemodiff_jax.decoding import ar, diffusion, speculative
-from nemodiff_jax.decoding.common import (MAX_STOP_IDS, Options, RowSettings, State, initial_state, prefill,
-                                         run_device, run_python)
+from nemodiff_jax.decoding import diffusion
+from nemodiff_jax.decoding.common import MAX_STOP_IDS, Options, State
 from nemodiff_jax.lora import LoRA, load_lora
 from nemodiff_jax.model import Transformer, abstract_model
 from nemodiff_jax.sampling import Sampling
+from nemodiff_jax.slots import MODES, Pool, RowPlan, Runtime, buffer_sizes, host_rows, round_up, row_tokens
 from nemodiff_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative}
 # Per-mode options (**mode_options of generate) and their defaults; block_size defaults to config.block_size.
 MODE_OPTIONS = {
     "ar": {},
@@ -38,15 +37,6 @@ class Result:
     tokens: list[int]  # new tokens only (a stop token that ended the row included)
     text: str | None
     stats: dict
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    """Prompt-length bucket: powers of two, so a handful of shapes cover all prompts."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 class Generator:
@@ -64,25 +54,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.path = path
         self.dtype = model.dtype
-        self._graphdef, self._params = nnx.split(model)
-        # fp32 means fp32: without this, GPUs run float32 matmuls at reduced (tf32/bf16) precision.
-        self._precision = "highest" if self.dtype == jnp.float32 else None
+        self.runtime = Runtime.of(model, mesh)  # what the compiled programs take (slots.Runtime)
         self.drafter: LoRA | None = None
         self.attn_impl = attention_impl(self.config, self.dtype, attention, mesh)
-
-    def place_rows(self, *trees):
-        """Shards per-row arrays (leading batch dim; pytrees of them too) over the mesh's "data" axis; a no-op
-        without a mesh."""
-        if self.mesh is None:
-            return trees
-        from nemodiff_jax.sharding import rows_sharding
-
-        return tuple(jax.tree.map(lambda a: jax.device_put(a, rows_sharding(a.shape, self.mesh)), t) for t in trees)
-
-    def cache_sharding(self, batch: int):
-        from nemodiff_jax import sharding as shd
-
-        return shd.cache_sharding(self.config, batch, self.mesh)
 
     def make_options(self, mode: str, options: dict) -> Options:
         return decoding_options(self.config, mode, options, self.attn_impl)
@@ -121,8 +95,9 @@ class Generator:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, "
                              f"{tokens.max()}]")
-        with jax.default_matmul_precision(self._precision):
-            out = _logits_fn(self._graphdef, self._params, jnp.asarray(tokens, jnp.int32), causal, self.attn_impl)
+        rt = self.runtime
+        with jax.default_matmul_precision(rt.precision):
+            out = _logits_fn(rt.graphdef, rt.params, jnp.asarray(tokens, jnp.int32), causal, self.attn_impl)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -148,15 +123,6 @@ class Generator:
                 raise ValueError(f"prompt {i}: token id(s) {bad[:5]} outside [0, {self.config.vocab_size})")
             out.append(ids)
         return out
-
-    def prompt_rows(self, ids: list[list[int]], width: int, seeds):
-        """Placed per-row inputs: prompts right-padded to [B, width], their lengths, PRNG keys from `seeds`."""
-        prompt = np.zeros((len(ids), width), np.int32)
-        for i, p in enumerate(ids):
-            prompt[i, :len(p)] = p
-        lens = np.array([len(p) for p in ids], np.int32)
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        return self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys)
 
     def check_request(self, mode: str, max_new_tokens, longest: int, temperature, top_k, top_p, stop_token_ids,
                       lora, mode_options: dict) -> RowPlan:
@@ -199,31 +165,25 @@ class Generator:
                        temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
                        threshold=float(threshold), steps=o.get("steps") or block)
 
-    def _prepare(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
-                 mode_options):
+    def _start(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
+               mode_options) -> tuple[Pool, int]:
+        """A pool of one row per prompt (padded to a whole number of rows per mesh "data" device), every
+        prompt admitted (prefilled); returns it and the number of real prompts."""
         ids = self.encode_prompts(prompts)
         n_real = len(ids)
-        if self.mesh is not None and len(ids) % self.mesh.shape["data"]:
-            # rows are sharded over "data": pad with copies of the first prompt (their results are dropped)
-            ids = ids + [ids[0]] * (self.mesh.shape["data"] - len(ids) % self.mesh.shape["data"])
+        seeds = [seed + i for i in range(n_real)] if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != n_real:
+            raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
+        pad = round_up(n_real, self.runtime.data_rows) - n_real  # copies of the first prompt, results dropped
+        ids, seeds = ids + [ids[0]] * pad, seeds + [seeds[0]] * pad
         longest = max(len(p) for p in ids)
         plan = self.check_request(mode, max_new_tokens, longest, temperature, top_k, top_p, stop_token_ids, lora,
                                   mode_options)
         lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
-        b = len(ids)
-        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
-        if len(seeds) < n_real or (not isinstance(seed, int) and len(seeds) != n_real):
-            raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
-        seeds = seeds + [seeds[0]] * (b - len(seeds))
-        opts = plan.opts
         capacity, out_len = buffer_sizes(longest, max_new_tokens, plan.block)
-        prompt, lens, keys = self.prompt_rows(ids, _bucket(longest), seeds)
-        rows = self.place_rows(row_settings([plan] * b))[0]
-        cache_sharding = self.cache_sharding(b)
-        with jax.default_matmul_precision(self._precision):
-            st = _prefill_fn(self._graphdef, self._params, prompt, lens, keys, rows, lora_obj, capacity, out_len,
-                             opts, cache_sharding)
-        return st, opts, ids[:n_real]
+        pool = Pool(self.runtime, plan.opts, lora_obj, len(ids), capacity, out_len)
+        pool.admit({i: (i, p, s, plan) for i, (p, s) in enumerate(zip(ids, seeds))})
+        return pool, n_real
 
     def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
@@ -234,80 +194,58 @@ class Generator:
         mode_options: diffusion: block_size, policy ('threshold' | 'low_confidence' | 'leftmost'), threshold,
         steps; linear_spec: block_size, threshold (0 = one draft pass). `seed`: an int (row i uses seed+i) or
         one per prompt. `lora`: None = the attached drafter, False = none, or a PEFT dir / LoRA.
-        `loop`: 'device' (one on-device while loop) or 'python' (the step-by-step twin)."""
+        `loop`: 'device' (one on-device while loop) or 'python' (the step-by-step twin).
+
+        It runs on the engine's decode slots (slots.Pool): one row per prompt, all admitted at once, then
+        one on-device loop until every row is done."""
         if loop not in ("device", "python"):
             raise ValueError(f"loop must be 'device' or 'python', got {loop!r}")
         t0 = time.perf_counter()
-        st, opts, ids = self._prepare(prompts, mode, max_new_tokens, temperature, top_k, top_p, seed,
-                                      stop_token_ids, lora, mode_options)
-        n_rows = len(ids)
-        step_fn = MODES[mode].step
-        with jax.default_matmul_precision(self._precision):
-            if loop == "device":
-                st = run_device(self._graphdef, self._params, step_fn, opts, st)
-            else:
-                for st in run_python(self._graphdef, self._params, step_fn, opts, st):
-                    pass
-            st = jax.block_until_ready(st)  # dispatch is asynchronous: time the work, not the launch
-        return self._results(st, opts, time.perf_counter() - t0, n_rows)
+        pool, n_rows = self._start(prompts, mode, max_new_tokens, temperature, top_k, top_p, seed,
+                                   stop_token_ids, lora, mode_options)
+        if loop == "device":
+            pool.advance(until_all=True)
+        else:
+            for _ in pool.steps():
+                pass
+        jax.block_until_ready(pool.st)  # dispatch is asynchronous: time the work, not the launch
+        return self._results(host_rows(pool.st), pool.opts, time.perf_counter() - t0, n_rows)
 
     def stream(self, prompt, mode: str = "ar", max_new_tokens: int = 128, **kw) -> Iterator[list[int]]:
         """Yields the new tokens of one prompt as each step (token / block / round) lands; the last item is
-        the full Result. Built on the Python-loop twin."""
+        the full Result. One pool row, advanced a step per on-device segment (one host read per step)."""
         t0 = time.perf_counter()
-        st, opts, _ = self._prepare([prompt], mode, max_new_tokens, kw.pop("temperature", 0.0),
-                                    kw.pop("top_k", None), kw.pop("top_p", None), kw.pop("seed", 0),
-                                    kw.pop("stop_token_ids", None), kw.pop("lora", None), kw)
+        pool, _ = self._start([prompt], mode, max_new_tokens, kw.pop("temperature", 0.0), kw.pop("top_k", None),
+                              kw.pop("top_p", None), kw.pop("seed", 0), kw.pop("stop_token_ids", None),
+                              kw.pop("lora", None), kw)
         emitted = 0
-        step_fn = MODES[mode].step
-        final = st
-        with jax.default_matmul_precision(self._precision):
-            states = run_python(self._graphdef, self._params, step_fn, opts, st)
-            for final in _with_first(st, states):
-                tokens = row_tokens(host_rows(final), 0)  # one host read per step
-                if len(tokens) > emitted:
-                    yield tokens[emitted:]
-                    emitted = len(tokens)
-        yield self._results(final, opts, time.perf_counter() - t0)[0]
+        host = host_rows(pool.st)
+        while True:
+            tokens = row_tokens(host, 0)
+            if len(tokens) > emitted:
+                yield tokens[emitted:]
+                emitted = len(tokens)
+            if bool(host.done[0]):
+                break
+            host = pool.run(max_steps=1)
+        yield self._results(host, pool.opts, time.perf_counter() - t0, 1)[0]
 
     def row_result(self, st: State, opts: Options, i: int, wall: float) -> Result:
         toks = row_tokens(st, i)
         text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
         return Result(tokens=toks, text=text, stats=row_stats(st, opts, i, len(toks), wall))
 
-    def _results(self, st: State, opts: Options, wall: float, n_rows: int | None = None) -> list[Result]:
-        st = host_rows(st)
+    def _results(self, st: State, opts: Options, wall: float, n_rows: int) -> list[Result]:
+        """The first n_rows rows' Results from a host state; batch stats count the admission's prefill."""
         results = []
         total = 0
-        for i in range(n_rows if n_rows is not None else st.n_out.shape[0]):
+        for i in range(n_rows):
             results.append(self.row_result(st, opts, i, wall))
             total += len(results[-1].tokens)
         for r in results:
-            r.stats["batch_forward_passes"] = int(st.total_passes) + 1
+            r.stats["batch_forward_passes"] = int(st.total_passes)
             r.stats["batch_tokens_per_s"] = total / wall if wall > 0 else float("nan")
         return results
-
-
-@dataclasses.dataclass(frozen=True)
-class RowPlan:
-    """One request's validated settings: the static options of its program and its per-row values."""
-
-    opts: Options
-    block: int
-    max_new: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    stop_ids: tuple[int, ...]
-    threshold: float
-    steps: int
-
-
-def row_settings(plans: Sequence[RowPlan]) -> RowSettings:
-    """The traced per-row settings of a batch of requests (one RowPlan per row)."""
-    return RowSettings.make([p.max_new for p in plans], [p.temperature for p in plans], [p.top_k for p in plans],
-                            [p.top_p for p in plans], [p.stop_ids for p in plans], [p.threshold for p in plans],
-                            [p.steps for p in plans])
 
 
 def decoding_options(cfg: Config, mode: str, options: dict, attn_impl="auto") -> Options:
@@ -336,29 +274,6 @@ def attention_impl(cfg: Config, dtype, attention: str, mesh=None):
     return attention
 
 
-def buffer_sizes(longest: int, max_new: int, block: int) -> tuple[int, int]:
-    """(KV capacity, output length) for prompts of up to `longest` tokens: the bucketed prompt, the new tokens
-    and two blocks of slack (a block may run past the last kept token; a batch refill writes its prompt past
-    the committed rows), rounded up; the output buffer takes one block of slack."""
-    return _round_up(_bucket(longest) + max_new + 2 * block, 128), _round_up(max_new + block, 64)
-
-
-def host_rows(st: State) -> State:
-    """The per-row results on the host: the KV cache and the LoRA stay on the device (no GB-sized copy)."""
-    return jax.device_get(dataclasses.replace(st, cache=None, lora=None))
-
-
-def row_tokens(st: State, i: int) -> list[int]:
-    """Row i's new tokens (host state): its budget, cut after the first stop token."""
-    n = min(int(st.n_out[i]), int(st.rows.max_new[i]))
-    toks = np.asarray(st.out[i, :n]).tolist()
-    stops = set(np.asarray(st.rows.stop_ids[i]).tolist()) - {-1}
-    for j, t in enumerate(toks):
-        if t in stops:
-            return toks[:j + 1]
-    return toks
-
-
 def row_stats(st: State, opts: Options, i: int, n_tokens: int, wall: float) -> dict:
     """Per-row stats. tokens_per_forward counts the prefill, so plain AR gives exactly 1.0."""
     passes, rounds, work = int(st.passes[i]), int(st.rounds[i]), int(st.work[i])
@@ -374,25 +289,11 @@ def row_stats(st: State, opts: Options, i: int, n_tokens: int, wall: float) -> d
     return stats
 
 
-def _with_first(first, rest):
-    yield first
-    yield from rest
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _prefill_fn(graphdef, params, prompt, lens, keys, rows, lora, capacity, out_len, opts, cache_sharding):
-    model = nnx.merge(graphdef, params)
-    cache = KVCache.init(model.config, prompt.shape[0], capacity, model.dtype, sharding=cache_sharding)
-    last, cache = prefill(model, prompt, lens, cache, opts)
-    first = ar.first_token(last, cache, keys, rows.sampling)
-    return initial_state(cache, out_len, keys, rows, lora, first)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _logits_fn(graphdef, params, tokens, causal, attn_impl):
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    cache = KVCache.init(model.config, b, _round_up(t, 128), model.dtype)  # capacities as in decoding
+    cache = KVCache.init(model.config, b, round_up(t, 128), model.dtype)  # capacities as in decoding
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = model(tokens, positions, cache, causal=causal, attn_impl=attn_impl)
     return logits

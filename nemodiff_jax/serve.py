@@ -780,28 +780,20 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def warm_up(engine: Engine, generator, max_new_tokens: int = 16) -> float:
-    """One short request per mode through the engine, so the first clients do not wait for compilation of
-    the shapes short prompts use (prompts up to 16 tokens, max_tokens up to 32). Counted in engine stats."""
-    t0 = time.perf_counter()
-    bos = generator.tokenizer.bos_token_id if generator.tokenizer is not None else None
-    for mode in sorted(MODES):
-        engine.submit(Request(prompt=[1 if bos is None else bos], mode=mode, max_new_tokens=max_new_tokens,
-                              id=f"warmup-{mode}")).wait()
-    return time.perf_counter() - t0
-
-
 def run(generator, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         max_queue: int = 64, log_level: str = "info", warmup: bool = False, **engine_options) -> None:
     """Starts the engine over `generator` (engine_options: Engine's slots, max_prompt_tokens, max_new_tokens,
     segment_steps; unset ones keep the engine's defaults) and serves the app with uvicorn until interrupted."""
     import uvicorn
 
-    engine = Engine(generator, max_queue=max_queue,
-                    **{k: v for k, v in engine_options.items() if v is not None}).start()
-    server = Server(generator, engine, model_name, api_key=api_key)
+    engine = Engine(generator, max_queue=max_queue, **{k: v for k, v in engine_options.items() if v is not None})
     if warmup:
-        print(f"nemodiff serve: warmed up every mode in {warm_up(engine, generator):.1f} s", flush=True)
+        t0 = time.perf_counter()
+        n = engine.warm_up()
+        print(f"nemodiff serve: compiled every mode at every admission shape ({n} admissions) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    engine.start()
+    server = Server(generator, engine, model_name, api_key=api_key)
     app = create_app(server)
     limits = (f"slots per mode {engine.slots_per_pool}, max prompt tokens {engine.max_prompt_tokens}, "
               f"max new tokens {engine.max_new_tokens}")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import nemodiff_jax
-from nemodiff_jax.cli import default_model
+from nemodiff_jax.embedded import default_model
 
 CONFIGS = [("ar", {}), ("diffusion", {"threshold": 0.9}), ("diffusion", {"threshold": 0.7}),
            ("diffusion", {"threshold": 0.5}), ("linear_spec", {}), ("linear_spec", {"threshold": 0.9})]

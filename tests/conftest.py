@@ -13,7 +13,7 @@ def tiny_model_with_tokenizer(directory, seed: int):
     from flax import nnx
 
     from nemodiff_jax.convert.hf import save_hf
-    from nemodiff_jax.cli import ASSETS
+    from nemodiff_jax.embedded import ASSETS
     from nemodiff_jax.config import PRESETS
     from nemodiff_jax.model import Transformer
 

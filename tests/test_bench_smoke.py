@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nemodiff_jax import bench, cli
+from nemodiff_jax import bench, cli, embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(sizes=["tiny"], contexts=[64], batches=[1, 2], new_tokens=8, prompt_len=16, mode_new_tokens=12,
@@ -76,7 +76,7 @@ def test_settings_defaults_per_platform():
 
 def test_embedded_shape_is_the_assets_config():
     cfg = bench.size_config(bench.EMBEDDED)
-    raw = json.loads((cli.ASSETS / "config.json").read_text())
+    raw = json.loads((embedded.ASSETS / "config.json").read_text())
     assert (cfg.hidden_size, cfg.num_layers, cfg.vocab_size) == (raw["hidden_size"], raw["num_hidden_layers"],
                                                                  raw["vocab_size"])
 

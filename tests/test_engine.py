@@ -12,8 +12,8 @@
 import pytest
 
 import nemodiff_jax
-from nemodiff_jax import engine as eng
-from nemodiff_jax.cli import DEMO_PROMPTS, default_model
+from nemodiff_jax import slots as eng
+from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
 from nemodiff_jax.engine import Cancelled, Engine, QueueFull, Request
 
 MIXED = [("ar", 12, {}), ("linear_spec", 14, {}), ("diffusion", 10, {"threshold": 0.9})]
@@ -157,3 +157,20 @@ def test_many_stop_ids_and_stopping_leave_no_stream_hanging(gen):
             h.wait()
     with pytest.raises(RuntimeError, match="stopped"):
         e.submit(Request("x", max_new_tokens=4))
+
+
+def test_warm_up_compiles_every_admission_shape(gen):
+    """After warm_up, requests of any prompt length up to the limit, arriving alone or together, in every
+    mode, compile nothing."""
+    e = small_engine(gen, max_prompt_tokens=100)  # widths 64, 128; row counts 1, 2
+    assert e.warm_up() == 3 * 4
+    sizes = (eng._admit_fn._cache_size(), eng._segment_fn._cache_size())
+    with e:
+        for mode, _, _ in MIXED:
+            for n in (1, 2):
+                for length in (1, 63, 64, 65, 100):
+                    hs = [e.submit(Request([5 + i] * length, mode=mode, max_new_tokens=3)) for i in range(n)]
+                    assert all(len(h.wait().tokens) >= 1 for h in hs)
+    assert (eng._admit_fn._cache_size(), eng._segment_fn._cache_size()) == sizes
+    with pytest.raises(RuntimeError, match="before start"), small_engine(gen) as started:
+        started.warm_up()

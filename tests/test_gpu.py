@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from nemodiff_jax import attention as attn
-from nemodiff_jax.cli import default_model
+from nemodiff_jax.embedded import default_model
 from nemodiff_jax.generate import load
 from nemodiff_jax.pallas_kernels.chunk_attention import BlockSizes, chunk_attention_pallas, chunk_attention_reference
 

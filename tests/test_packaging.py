@@ -90,7 +90,7 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
 import importlib, json, sys
 import nemodiff_jax
 converter_loaded = sorted(m for m in sys.modules if m.startswith("nemodiff_jax.convert"))
-import nemodiff_jax.cli, nemodiff_jax.convert.hf, nemodiff_jax.pallas_kernels.chunk_attention
+import nemodiff_jax.cli, nemodiff_jax.embedded, nemodiff_jax.convert.hf, nemodiff_jax.pallas_kernels.chunk_attention
 missing = {}
 for name in ("convert", "pallas_kernels"):
     try:
@@ -101,7 +101,7 @@ for name in ("convert", "pallas_kernels"):
 print(json.dumps(dict(
     files=[sys.modules[m].__file__ for m in
            ("nemodiff_jax", "nemodiff_jax.convert.hf", "nemodiff_jax.pallas_kernels.chunk_attention")],
-    assets=str(nemodiff_jax.cli.ASSETS), converter_loaded=converter_loaded, missing=missing)))
+    assets=str(nemodiff_jax.embedded.ASSETS), converter_loaded=converter_loaded, missing=missing)))
 """
     run = tmp_path / "cwd"  # outside the checkout: its folders cannot shadow the installed package
     run.mkdir()
@@ -177,3 +177,43 @@ def test_makefile_python_rule_is_requires_python(tmp_path):
         r = check(ok)
         assert r.returncode == 0, (ok, r.stderr)
     assert not (tmp_path / "venv").exists()
+
+
+def _package_modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (convert/ and pallas_kernels/ under their package names)."""
+    roots = {"nemodiff_jax": ROOT / "nemodiff_jax", "nemodiff_jax.convert": ROOT / "convert",
+             "nemodiff_jax.pallas_kernels": ROOT / "pallas_kernels"}
+    mods = {}
+    for prefix, folder in roots.items():
+        for f in folder.rglob("*.py"):
+            parts = f.relative_to(folder).with_suffix("").parts
+            name = ".".join((prefix, *parts)).removesuffix(".__init__")
+            mods[name] = f
+    return mods
+
+
+def test_imports_run_one_way():
+    """No import cycle inside the package, counting the imports inside functions too (a lazy import is
+    still a dependency). Package __init__ re-exports are left out: they only gather the public API."""
+    import ast
+    import graphlib
+
+    mods = _package_modules()
+    graph = {}
+    for name, path in mods.items():
+        if path.name == "__init__.py":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            deps |= {t for t in targets if t in mods and t != name and mods[t].name != "__init__.py"}
+        graph[name] = deps
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle: {' -> '.join(e.args[1])}") from None
+    assert "nemodiff_jax.slots" in order and order.index("nemodiff_jax.slots") < order.index("nemodiff_jax.engine")

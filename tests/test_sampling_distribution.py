@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nemodiff_jax.cli import default_model
+from nemodiff_jax.embedded import default_model
 from nemodiff_jax.generate import load
 
 N = 1024  # draws per sample (rows of one generate call)

@@ -18,7 +18,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from nemodiff_jax.cli import ASSETS  # noqa: E402
+from nemodiff_jax.embedded import ASSETS  # noqa: E402
 
 MODES = ("ar", "diffusion", "linear_spec")
 PROMPTS = [

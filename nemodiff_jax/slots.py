@@ -1,0 +1,292 @@
+"""Decode slots: the rows of one program on the device, filled and freed one request at a time.
+
+A `Pool` is `slots` rows of one program (mode, block size, policy, drafter) over one KV cache. Each row has
+its own request settings (decoding.common.RowSettings: traced values, so a new temperature or threshold
+never compiles), prompt length and progress. Admitting requests prefills only the new rows through the
+model's attention path and scatters their K/V into the shared cache; the other rows are neither touched nor
+copied. `run` advances the rows in one on-device while loop until a row finishes, all are done, or a step
+budget runs out; `steps` is its Python-loop twin.
+
+Everything that decodes runs on pools: `Generator.generate` / `stream` (one pool per call) and the serving
+engine (engine.Engine: one pool per program, requests arriving and leaving), hence the batch job and the
+server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemodiff_jax.cache import KVCache
+from nemodiff_jax.config import Config
+from nemodiff_jax.decoding import ar, diffusion, speculative
+from nemodiff_jax.decoding.common import Options, RowSettings, State, cond, initial_state, prefill, run_step
+
+MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative}
+ADMIT_MIN_WIDTH = 64  # admission prompt widths: powers of two from here (fewer shapes to compile)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """A power-of-two bucket of at least `minimum`, so a handful of shapes cover all sizes."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def buffer_sizes(longest: int, max_new: int, block: int) -> tuple[int, int]:
+    """(KV capacity, output length) for prompts of up to `longest` tokens: the bucketed prompt, the new tokens
+    and two blocks of slack (a block may run past the last kept token), rounded up; the output buffer takes
+    one block of slack."""
+    return round_up(bucket(longest, ADMIT_MIN_WIDTH) + max_new + 2 * block, 128), round_up(max_new + block, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """A loaded model on its devices, as the compiled programs take it: the split module (graphdef, params),
+    its config and dtype, the mesh (None: one device) and the matmul precision (float32 means float32:
+    without "highest", GPUs run float32 matmuls at reduced precision)."""
+
+    graphdef: object
+    params: object
+    config: Config
+    dtype: object
+    mesh: object = None
+
+    @classmethod
+    def of(cls, model, mesh=None) -> Runtime:
+        graphdef, params = nnx.split(model)
+        return cls(graphdef, params, model.config, model.dtype, mesh)
+
+    @property
+    def precision(self) -> str | None:
+        return "highest" if self.dtype == jnp.float32 else None
+
+    @property
+    def data_rows(self) -> int:
+        """Rows must come in multiples of this (the mesh's "data" axis)."""
+        return 1 if self.mesh is None else self.mesh.shape["data"]
+
+    def place_rows(self, *trees):
+        """Shards per-row arrays (leading batch dim; pytrees of them too) over the mesh's "data" axis; a no-op
+        without a mesh."""
+        if self.mesh is None:
+            return trees
+        from nemodiff_jax.sharding import rows_sharding
+
+        return tuple(jax.tree.map(lambda a: jax.device_put(a, rows_sharding(a.shape, self.mesh)), t) for t in trees)
+
+    def cache_sharding(self, batch: int):
+        from nemodiff_jax.sharding import cache_sharding
+
+        return cache_sharding(self.config, batch, self.mesh)
+
+    def prompt_rows(self, ids: Sequence[Sequence[int]], width: int, seeds: Sequence[int]):
+        """Placed per-row inputs: prompts right-padded to [B, width], their lengths, PRNG keys from `seeds`."""
+        prompt = np.zeros((len(ids), width), np.int32)
+        for i, p in enumerate(ids):
+            prompt[i, :len(p)] = p
+        lens = np.array([len(p) for p in ids], np.int32)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        return self.place_rows(jnp.asarray(prompt), jnp.asarray(lens), keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """One request's validated settings: the static options of its program and its per-row values."""
+
+    opts: Options
+    block: int
+    max_new: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop_ids: tuple[int, ...]
+    threshold: float
+    steps: int
+
+
+def row_settings(plans: Sequence[RowPlan]) -> RowSettings:
+    """The traced per-row settings of a batch of requests (one RowPlan per row)."""
+    return RowSettings.make([p.max_new for p in plans], [p.temperature for p in plans], [p.top_k for p in plans],
+                            [p.top_p for p in plans], [p.stop_ids for p in plans], [p.threshold for p in plans],
+                            [p.steps for p in plans])
+
+
+def host_rows(st: State) -> State:
+    """The per-row results on the host: the KV cache and the LoRA stay on the device (no GB-sized copy)."""
+    return jax.device_get(dataclasses.replace(st, cache=None, lora=None))
+
+
+def row_tokens(st: State, i: int) -> list[int]:
+    """Row i's new tokens (host state): its budget, cut after the first stop token."""
+    n = min(int(st.n_out[i]), int(st.rows.max_new[i]))
+    toks = np.asarray(st.out[i, :n]).tolist()
+    stops = set(np.asarray(st.rows.stop_ids[i]).tolist()) - {-1}
+    for j, t in enumerate(toks):
+        if t in stops:
+            return toks[:j + 1]
+    return toks
+
+
+# ------------------------------------------------------------------ the compiled programs
+
+
+ROW_FIELDS = ("out", "n_out", "done", "seed", "keys", "rows", "passes", "rounds", "work")  # State's per-row parts
+
+
+def _set_rows(old, new, idx):
+    """old[idx] = new along the leading (row) axis, for arrays and PRNG keys."""
+    if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_set_rows(jax.random.key_data(old), jax.random.key_data(new), idx))
+    return old.at[idx].set(new)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
+def _admit_fn(graphdef, params, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options) -> State:
+    """Prefills only the new rows (idx [k], prompts [k, P]) through the model's attention path into a k-row
+    cache of the prompt's width, then scatters their K/V (P slots per row) and per-row state into the shared
+    state: the other rows' cache is not touched, nor copied."""
+    model = nnx.merge(graphdef, params)
+    k, width = prompt.shape
+    small = KVCache.init(model.config, k, round_up(width, 128), model.dtype)
+    last, small = prefill(model, prompt, lens, small, opts)
+    first = ar.first_token(last, small, keys, rows.sampling)
+    new = initial_state(small, st.out.shape[1], keys, rows, st.lora, first)
+    slots = jnp.arange(width)[None, :]
+    cache = dataclasses.replace(
+        st.cache, lengths=st.cache.lengths.at[idx].set(lens),
+        k=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.k, small.k)),
+        v=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.v, small.v)))
+    fields = {f: jax.tree.map(lambda a, b: _set_rows(a, b, idx), getattr(st, f), getattr(new, f)) for f in ROW_FIELDS}
+    return dataclasses.replace(st, cache=cache, total_passes=st.total_passes + 1, **fields)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
+def _segment_fn(graphdef, params, step_fn, opts: Options, st: State, max_steps, until_all) -> State:
+    """Steps until all rows are done, or (unless `until_all`) a row that was running finishes, or `max_steps`
+    steps ran. Both limits are traced: one program for every use."""
+    model = nnx.merge(graphdef, params)
+    done0 = st.done
+
+    def keep_going(c):
+        s, i = c
+        return ~jnp.all(s.done) & (until_all | ~jnp.any(s.done & ~done0)) & (i < max_steps)
+
+    st, _ = jax.lax.while_loop(keep_going, lambda c: (step_fn(model, c[0], opts), c[1] + 1), (st, jnp.int32(0)))
+    return st
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _empty_state(cfg, dtype, n: int, capacity: int, out_len: int, cache_sharding, keys, rows: RowSettings,
+                 lora) -> State:
+    """`n` done rows over a zeroed cache: no forward runs until the first admission."""
+    cache = KVCache.init(cfg, n, capacity, dtype, sharding=cache_sharding)
+    st = initial_state(cache, out_len, keys, rows, lora, jnp.zeros((n,), jnp.int32))
+    return dataclasses.replace(st, done=jnp.ones((n,), bool))
+
+
+@jax.jit
+def _stop_rows(st: State, stop) -> State:
+    return dataclasses.replace(st, done=st.done | stop)
+
+
+class Pool:
+    """`slots` decode rows of one program (mode, block, policy, drafter): rows of different requests run in
+    one on-device loop, each with its own RowSettings, prompt length and progress. A finished or cancelled
+    row's slot takes the next request by a prefill of the new rows alone."""
+
+    def __init__(self, runtime: Runtime, opts: Options, lora, slots: int, capacity: int, out_len: int):
+        if slots % runtime.data_rows:
+            raise ValueError(f"{slots} slots must divide over the mesh's {runtime.data_rows} data rows")
+        self.rt, self.opts, self.lora, self.n = runtime, opts, lora, slots
+        self.capacity, self.out_len = capacity, out_len
+        self.step_fn = MODES[opts.mode].step
+        self.st: State | None = None
+        self.owner: list[object | None] = [None] * slots  # whatever the caller keeps per slot
+        self.started = [0.0] * slots
+
+    def free(self) -> list[int]:
+        return [i for i, o in enumerate(self.owner) if o is None]
+
+    def busy(self) -> bool:
+        return any(o is not None for o in self.owner)
+
+    def admission_shapes(self, max_prompt: int) -> list[tuple[int, int]]:
+        """Every (rows, width) an admission of prompts up to `max_prompt` tokens compiles (a warm-up list)."""
+        counts = sorted({self._count(k) for k in range(1, self.n + 1)})
+        widths = sorted({bucket(w, ADMIT_MIN_WIDTH) for w in range(1, max_prompt + 1)})
+        return [(c, w) for c in counts for w in widths]
+
+    def _count(self, k: int) -> int:
+        return min(round_up(bucket(k, 1), self.rt.data_rows), self.n)
+
+    def _initial(self) -> State:
+        """An all-done state of `slots` rows, so every admission is a row refill."""
+        rt, n = self.rt, self.n
+        keys = jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32))
+        rows = RowSettings.make([1] * n, [0.0] * n, [None] * n, [None] * n, [()] * n, [0.0] * n,
+                                [self.opts.block] * n)
+        keys, rows = rt.place_rows(keys, rows)
+        return _empty_state(rt.config, rt.dtype, n, self.capacity, self.out_len, rt.cache_sharding(n), keys, rows,
+                            self.lora)
+
+    def admit(self, items: dict[int, tuple[object, Sequence[int], int, RowPlan]]) -> None:
+        """items: slot -> (owner, prompt ids, seed, plan). The prompts are prefilled together, padded to a
+        power-of-two count and width (a handful of shapes: admission_shapes)."""
+        if not items:
+            return
+        rt = self.rt
+        if self.st is None:
+            self.st = self._initial()
+        now = time.perf_counter()
+        slots = sorted(items)
+        for i in slots:
+            self.owner[i], self.started[i] = items[i][0], now
+        pad = slots + [slots[0]] * (self._count(len(slots)) - len(slots))  # repeats rewrite one row, same values
+        ids = [items[i][1] for i in pad]
+        prompt, lens, keys = rt.prompt_rows(ids, bucket(max(map(len, ids)), ADMIT_MIN_WIDTH),
+                                            [items[i][2] for i in pad])
+        rows = row_settings([items[i][3] for i in pad])
+        with jax.default_matmul_precision(rt.precision):
+            self.st = _admit_fn(rt.graphdef, rt.params, self.st, jnp.asarray(pad, jnp.int32), prompt, lens, keys,
+                                rows, self.opts)
+
+    def advance(self, max_steps: int = 1 << 30, until_all: bool = False) -> None:
+        """Runs one on-device loop: until a row finishes (or, with `until_all`, all are done) or max_steps."""
+        rt = self.rt
+        with jax.default_matmul_precision(rt.precision):
+            self.st = _segment_fn(rt.graphdef, rt.params, self.step_fn, self.opts, self.st, jnp.int32(max_steps),
+                                  jnp.bool_(until_all))
+
+    def run(self, max_steps: int = 1 << 30, until_all: bool = False) -> State:
+        """advance(), then the rows' state on the host."""
+        self.advance(max_steps, until_all)
+        return host_rows(self.st)
+
+    def steps(self) -> Iterator[State]:
+        """The Python-loop twin of advance(until_all=True): one jitted step per iteration, yielding the
+        device state after each."""
+        rt = self.rt
+        while bool(cond(self.st)):
+            with jax.default_matmul_precision(rt.precision):
+                self.st = run_step(rt.graphdef, rt.params, self.step_fn, self.opts, self.st)
+            yield self.st
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Frees slots now (a cancelled or finished request): their rows stop at once."""
+        if not slots:
+            return
+        stop = np.zeros(self.n, bool)
+        stop[list(slots)] = True
+        for i in slots:
+            self.owner[i] = None
+        self.st = _stop_rows(self.st, self.rt.place_rows(jnp.asarray(stop))[0])
