@@ -184,11 +184,11 @@ def run_batch_job(gen: Generator, job: Job) -> int:
     tokens, failed = 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc="batch", unit="req", disable=not job.progress)
+    for r, plan in pending:  # all queued before the engine starts: its first admissions fill every slot
+        engine.submit(EngineRequest(prompt=r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
+                                    temperature=r.temperature, top_k=job.top_k, top_p=job.top_p, seed=r.seed,
+                                    options=plan_options(r.mode, job), id=r.id))
     with engine, open(out_path, "a") as out:
-        for r, plan in pending:
-            engine.submit(EngineRequest(prompt=r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
-                                        temperature=r.temperature, top_k=job.top_k, top_p=job.top_p, seed=r.seed,
-                                        options=plan_options(r.mode, job), id=r.id))
         for _ in pending:
             h = next_finished(finished, engine)
             if h.error is not None:
