@@ -108,7 +108,7 @@ class Engine:
     their slots, and waiting requests are prefilled into them."""
 
     def __init__(self, generator: Generator, slots: int = 8, max_queue: int = 64, max_prompt_tokens: int = 1024,
-                 max_new_tokens: int = 512, segment_steps: int = 8,
+                 max_new_tokens: int = 512, segment_steps: int = 16,
                  on_finish: Callable[[Handle], None] | None = None):
         for name, v in (("slots", slots), ("max_queue", max_queue), ("max_prompt_tokens", max_prompt_tokens),
                         ("max_new_tokens", max_new_tokens), ("segment_steps", segment_steps)):

@@ -27,7 +27,7 @@ from flax import nnx
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import ar, diffusion, speculative
-from nemodiff_jax.decoding.common import Options, RowSettings, State, cond, initial_state, prefill, run_step
+from nemodiff_jax.decoding.common import Options, RowSettings, State, cond, initial_state, prefill
 
 MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative}
 ADMIT_MIN_WIDTH = 64  # admission prompt widths: powers of two from here (fewer shapes to compile)
@@ -150,12 +150,10 @@ def _set_rows(old, new, idx):
     return old.at[idx].set(new)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(2,))
-def _admit_fn(graphdef, params, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options) -> State:
+def _admit(model, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options) -> State:
     """Prefills only the new rows (idx [k], prompts [k, P]) through the model's attention path into a k-row
     cache of the prompt's width, then scatters their K/V (P slots per row) and per-row state into the shared
     state: the other rows' cache is not touched, nor copied."""
-    model = nnx.merge(graphdef, params)
     k, width = prompt.shape
     small = KVCache.init(model.config, k, round_up(width, 128), model.dtype)
     last, small = prefill(model, prompt, lens, small, opts)
@@ -170,11 +168,9 @@ def _admit_fn(graphdef, params, st: State, idx, prompt, lens, keys, rows: RowSet
     return dataclasses.replace(st, cache=cache, total_passes=st.total_passes + 1, **fields)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
-def _segment_fn(graphdef, params, step_fn, opts: Options, st: State, max_steps, until_all) -> State:
+def _segment(model, step_fn, opts: Options, st: State, max_steps, until_all) -> State:
     """Steps until all rows are done, or (unless `until_all`) a row that was running finishes, or `max_steps`
     steps ran. Both limits are traced: one program for every use."""
-    model = nnx.merge(graphdef, params)
     done0 = st.done
 
     def keep_going(c):
@@ -183,6 +179,47 @@ def _segment_fn(graphdef, params, step_fn, opts: Options, st: State, max_steps, 
 
     st, _ = jax.lax.while_loop(keep_going, lambda c: (step_fn(model, c[0], opts), c[1] + 1), (st, jnp.int32(0)))
     return st
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """One program's compiled entry points (admit, segment, step), closed over the module's graphdef, the
+    mode's step and the static options: a call passes arrays only, so dispatch hashes no module structure
+    (an 8B graphdef costs about a millisecond per hash, and a segment boundary is paid every few steps)."""
+
+    admit: object
+    segment: object
+    step: object
+
+    def compiled(self) -> int:
+        """Compiled variants so far (shapes), for tests that count compiles."""
+        return sum(f._cache_size() for f in (self.admit, self.segment, self.step))
+
+
+_BUILT: list[Programs] = []
+
+
+@functools.lru_cache(maxsize=None)
+def programs(graphdef, step_fn, opts: Options) -> Programs:
+    """The compiled entry points of one (module, mode step, options), built once."""
+    def admit(params, st, idx, prompt, lens, keys, rows):
+        return _admit(nnx.merge(graphdef, params), st, idx, prompt, lens, keys, rows, opts)
+
+    def segment(params, st, max_steps, until_all):
+        return _segment(nnx.merge(graphdef, params), step_fn, opts, st, max_steps, until_all)
+
+    def step(params, st):
+        return step_fn(nnx.merge(graphdef, params), st, opts)
+
+    built = Programs(admit=jax.jit(admit, donate_argnums=(1,)), segment=jax.jit(segment, donate_argnums=(1,)),
+                     step=jax.jit(step, donate_argnums=(1,)))
+    _BUILT.append(built)
+    return built
+
+
+def compiled_programs() -> int:
+    """Compiled admit/segment/step variants over every program built so far (tests count compiles)."""
+    return sum(p.compiled() for p in list(_BUILT))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -209,7 +246,7 @@ class Pool:
             raise ValueError(f"{slots} slots must divide over the mesh's {runtime.data_rows} data rows")
         self.rt, self.opts, self.lora, self.n = runtime, opts, lora, slots
         self.capacity, self.out_len = capacity, out_len
-        self.step_fn = MODES[opts.mode].step
+        self.programs = programs(runtime.graphdef, MODES[opts.mode].step, opts)
         self.st: State | None = None
         self.owner: list[object | None] = [None] * slots  # whatever the caller keeps per slot
         self.started = [0.0] * slots
@@ -257,15 +294,13 @@ class Pool:
                                             [items[i][2] for i in pad])
         rows = row_settings([items[i][3] for i in pad])
         with jax.default_matmul_precision(rt.precision):
-            self.st = _admit_fn(rt.graphdef, rt.params, self.st, jnp.asarray(pad, jnp.int32), prompt, lens, keys,
-                                rows, self.opts)
+            self.st = self.programs.admit(rt.params, self.st, np.asarray(pad, np.int32), prompt, lens, keys, rows)
 
     def advance(self, max_steps: int = 1 << 30, until_all: bool = False) -> None:
         """Runs one on-device loop: until a row finishes (or, with `until_all`, all are done) or max_steps."""
         rt = self.rt
         with jax.default_matmul_precision(rt.precision):
-            self.st = _segment_fn(rt.graphdef, rt.params, self.step_fn, self.opts, self.st, jnp.int32(max_steps),
-                                  jnp.bool_(until_all))
+            self.st = self.programs.segment(rt.params, self.st, np.int32(max_steps), np.bool_(until_all))
 
     def run(self, max_steps: int = 1 << 30, until_all: bool = False) -> State:
         """advance(), then the rows' state on the host."""
@@ -278,7 +313,7 @@ class Pool:
         rt = self.rt
         while bool(cond(self.st)):
             with jax.default_matmul_precision(rt.precision):
-                self.st = run_step(rt.graphdef, rt.params, self.step_fn, self.opts, self.st)
+                self.st = self.programs.step(rt.params, self.st)
             yield self.st
 
     def release(self, slots: Sequence[int]) -> None:

@@ -66,11 +66,11 @@ def test_new_values_never_compile(gen):
     with small_engine(gen) as e:
         for r in base:
             e.generate(r)
-        sizes = (eng._admit_fn._cache_size(), eng._segment_fn._cache_size())
+        sizes = eng.compiled_programs()
         for r in varied:
             res = e.generate(r)
             assert 1 <= len(res.tokens) <= r.max_new_tokens
-        assert (eng._admit_fn._cache_size(), eng._segment_fn._cache_size()) == sizes
+        assert eng.compiled_programs() == sizes
         assert len(e.pools) == 3  # one per program, whatever the values
 
 
@@ -164,13 +164,13 @@ def test_warm_up_compiles_every_admission_shape(gen):
     mode, compile nothing."""
     e = small_engine(gen, max_prompt_tokens=100)  # widths 64, 128; row counts 1, 2
     assert e.warm_up() == 3 * 4
-    sizes = (eng._admit_fn._cache_size(), eng._segment_fn._cache_size())
+    sizes = eng.compiled_programs()
     with e:
         for mode, _, _ in MIXED:
             for n in (1, 2):
                 for length in (1, 63, 64, 65, 100):
                     hs = [e.submit(Request([5 + i] * length, mode=mode, max_new_tokens=3)) for i in range(n)]
                     assert all(len(h.wait().tokens) >= 1 for h in hs)
-    assert (eng._admit_fn._cache_size(), eng._segment_fn._cache_size()) == sizes
+    assert eng.compiled_programs() == sizes
     with pytest.raises(RuntimeError, match="before start"), small_engine(gen) as started:
         started.warm_up()

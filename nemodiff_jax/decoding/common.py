@@ -1,9 +1,9 @@
 """Loop state and pieces shared by the three modes.
 
-Every mode is `init(model, prompt, opts) -> State`, `step(model, State, opts) -> State` and `cond(State)`.
-`run_device` runs the step in a `lax.while_loop` inside one jit (cache and state donated); `run_python`
-calls the same jitted step from a Python loop (the twin: streaming and tests). Rows are independent: each
-has its own cache length, output count, done flag and random key.
+Every mode is `step(model, State, opts) -> State`, run while `cond(State)`. The decode slots (slots.Pool) run
+the step in on-device while loops (segments) and, as their Python-loop twin, one jitted step at a time;
+`run_device` is the bare whole-decode loop (the benchmark's baseline). Rows are independent: each has its own
+cache length, output count, done flag, random key and request settings.
 """
 
 from __future__ import annotations
@@ -142,17 +142,3 @@ def run_device(graphdef, params, step_fn, opts: Options, st: State) -> State:
     """The whole decode as one on-device while loop."""
     model = nnx.merge(graphdef, params)
     return jax.lax.while_loop(cond, lambda s: step_fn(model, s, opts), st)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnums=(4,))
-def run_step(graphdef, params, step_fn, opts: Options, st: State) -> State:
-    """One step, for the Python-loop twin."""
-    model = nnx.merge(graphdef, params)
-    return step_fn(model, st, opts)
-
-
-def run_python(graphdef, params, step_fn, opts: Options, st: State):
-    """Python-loop twin of run_device: yields the state after every step (host sync per step)."""
-    while bool(cond(st)):
-        st = run_step(graphdef, params, step_fn, opts, st)
-        yield st
