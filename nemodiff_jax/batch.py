@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import jax
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 
 from nemodiff_jax.engine import Engine, Handle
@@ -29,7 +30,8 @@ from nemodiff_jax.engine import Request as EngineRequest
 from nemodiff_jax.generate import MODE_OPTIONS, MODES, Generator
 from nemodiff_jax.slots import RowPlan
 
-REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed"}
+REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed", "chat_template_kwargs",
+                "max_thinking_tokens"}
 
 
 class BadRequest(ValueError):
@@ -45,6 +47,24 @@ class Request:
     max_new_tokens: int
     temperature: float
     seed: int
+    max_thinking_tokens: int | None = None
+
+
+def template_kwargs(line_no: int, obj: dict) -> dict:
+    """A line's chat_template_kwargs (e.g. {"enable_thinking": true}), passed to the chat template."""
+    kw = obj.get("chat_template_kwargs", {})
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise BadRequest(f"line {line_no}: chat_template_kwargs must be an object")
+    reserved = sorted(set(kw) & RESERVED_TEMPLATE_KEYS)
+    if reserved:
+        raise BadRequest(f"line {line_no}: chat_template_kwargs may not set {reserved}")
+    if "messages" not in obj and kw:
+        raise BadRequest(f"line {line_no}: chat_template_kwargs needs 'messages'")
+    return kw
+
+
+RESERVED_TEMPLATE_KEYS = {"messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                          "continue_final_message", "tokenize"}
 
 
 def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
@@ -73,19 +93,24 @@ def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
     seed = obj.get("seed", job.seed)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
         raise BadRequest(f"line {line_no}: seed must be an int in [0, 2**32)")
+    chat_kwargs = template_kwargs(line_no, obj)
     try:
         if "messages" in obj:
             if gen.tokenizer is None:
                 raise ValueError("'messages' needs a tokenizer with a chat template")
-            ids = gen.tokenizer.apply_chat_template(obj["messages"], tokenize=True)
+            ids = gen.tokenizer.apply_chat_template(obj["messages"], tokenize=True, add_generation_prompt=True,
+                                                    **chat_kwargs)
         else:
             ids = gen.encode_prompts([obj["prompt"]])[0]
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, TemplateError) as e:  # a template's raise_exception too
         raise BadRequest(f"line {line_no}: {e}") from None
     if len(ids) > job.max_prompt_tokens:
         raise BadRequest(f"line {line_no}: prompt of {len(ids)} tokens exceeds the job's limit "
                          f"{job.max_prompt_tokens} (--max-prompt-tokens)")
-    return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed)
+    think = obj.get("max_thinking_tokens")
+    if think is not None and (not isinstance(think, int) or isinstance(think, bool) or think < 0):
+        raise BadRequest(f"line {line_no}: max_thinking_tokens must be an int >= 0")
+    return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed, think)
 
 
 def read_done_ids(path: Path, repair: bool = True) -> set[str]:
@@ -187,7 +212,8 @@ def run_batch_job(gen: Generator, job: Job) -> int:
     for r, plan in pending:  # all queued before the engine starts: its first admissions fill every slot
         engine.submit(EngineRequest(prompt=r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
                                     temperature=r.temperature, top_k=job.top_k, top_p=job.top_p, seed=r.seed,
-                                    options=plan_options(r.mode, job), id=r.id))
+                                    options=plan_options(r.mode, job), max_thinking_tokens=r.max_thinking_tokens,
+                                    id=r.id))
     with engine, open(out_path, "a") as out:
         for _ in pending:
             h = next_finished(finished, engine)
@@ -234,7 +260,7 @@ def request_plan(gen: Generator, r: Request, job: Job) -> RowPlan:
     policy), the line's own temperature, budget and seed."""
     try:
         return gen.check_request(r.mode, r.max_new_tokens, len(r.ids), r.temperature, job.top_k, job.top_p,
-                                 None, None, plan_options(r.mode, job))
+                                 None, None, plan_options(r.mode, job), r.max_thinking_tokens)
     except ValueError as e:
         raise BadRequest(f"line {r.line}: {e}") from None
 

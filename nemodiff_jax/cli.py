@@ -52,12 +52,15 @@ def cmd_generate(args) -> int:
         if gen.tokenizer is None:
             raise SystemExit("--chat needs a tokenizer in the model directory")
         # token ids: the template already starts with BOS, so no second one is added by encoding
-        prompt = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+        prompt = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                   add_generation_prompt=True, enable_thinking=args.thinking)
+    elif args.thinking:
+        raise ValueError("--thinking turns on the chat template's thinking: it needs --chat")
     stream_decoder = gen.tokenizer.stream_decoder() if gen.tokenizer is not None else None
     result = None
     for item in gen.stream(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           **_mode_options(args)):
+                           max_thinking_tokens=args.max_thinking_tokens, **_mode_options(args)):
         if isinstance(item, list):
             if stream_decoder is not None:
                 sys.stdout.write("".join(stream_decoder.step(t) for t in item))
@@ -208,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate for one prompt, streaming text, then print stats")
     sampling_args(g)
     g.add_argument("--prompt", required=True, help="prompt text, or - to read stdin")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the chat template (one user turn, generation prompt added)")
+    g.add_argument("--thinking", action="store_true",
+                   help="with --chat: the template's enable_thinking (the answer starts inside <think>)")
+    g.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="thinking budget: output position N holds </think> unless one came earlier")
     g.add_argument("--compact", action="store_true", help="stats on one line")
     g.set_defaults(fn=cmd_generate)
 

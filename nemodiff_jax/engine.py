@@ -53,6 +53,7 @@ class Request:
     seed: int = 0
     stop_token_ids: Sequence[int] | None = None  # None: the model's EOS
     options: dict = dataclasses.field(default_factory=dict)
+    max_thinking_tokens: int | None = None  # the thinking budget: </think> forced at this output position
     id: object = None  # the caller's name for it (default: a counter)
 
 
@@ -221,7 +222,7 @@ class Engine:
         if not isinstance(r.seed, int) or isinstance(r.seed, bool) or not 0 <= r.seed < 2 ** 32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {r.seed!r}")
         plan = self.gen.check_request(r.mode, r.max_new_tokens, len(ids), r.temperature, r.top_k, r.top_p,
-                                      r.stop_token_ids, None, dict(r.options))
+                                      r.stop_token_ids, None, dict(r.options), r.max_thinking_tokens)
         return ids, plan
 
     # ------------------------------------------------------------------ the worker

@@ -39,6 +39,10 @@ class Result:
     stats: dict
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 class Generator:
     """A loaded NLD model: `.config`, `.model`, `.tokenizer` (or None), `.logits(...)`, `.generate(...)`."""
 
@@ -114,7 +118,12 @@ class Generator:
                 if self.tokenizer is None:
                     raise ValueError("this model directory has no tokenizer: pass token-id lists, not strings")
                 ids = self.tokenizer.encode(p)
+            elif isinstance(p, (bytes, dict)) or not isinstance(p, Sequence | np.ndarray):
+                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
             else:
+                if not all(_is_int(t) for t in p):
+                    bad = next(t for t in p if not _is_int(t))
+                    raise ValueError(f"prompt {i}: token ids must be integers, got {bad!r}")
                 ids = [int(t) for t in p]
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
@@ -124,8 +133,15 @@ class Generator:
             out.append(ids)
         return out
 
+    def think_end_id(self) -> int:
+        """The </think> id, as the reference finds it: the last id of the tokenized string."""
+        ids = self.tokenizer.encode("</think>", add_special_tokens=False) if self.tokenizer is not None else []
+        if not ids:
+            raise ValueError("max_thinking_tokens needs a tokenizer that knows '</think>'")
+        return ids[-1]
+
     def check_request(self, mode: str, max_new_tokens, longest: int, temperature, top_k, top_p, stop_token_ids,
-                      lora, mode_options: dict) -> RowPlan:
+                      lora, mode_options: dict, max_thinking_tokens=None) -> RowPlan:
         """Validates one request's settings (every error names the field) and resolves its defaults."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
@@ -137,13 +153,13 @@ class Generator:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         cfg = self.config
-        block = o.get("block_size") or cfg.block_size
-        if mode != "ar" and not 2 <= block <= 256:
-            raise ValueError(f"block_size must be in [2, 256], got {block}")
+        block = cfg.block_size if o.get("block_size") is None else o["block_size"]
+        if mode != "ar" and (not _is_int(block) or not 2 <= block <= 256):
+            raise ValueError(f"block_size must be an int in [2, 256], got {block!r}")
         if mode == "diffusion" and o["policy"] not in diffusion.POLICIES:
             raise ValueError(f"unknown diffusion policy {o['policy']!r}; choose from {diffusion.POLICIES}")
-        if mode == "diffusion" and o["steps"] is not None and not 1 <= o["steps"] <= block:
-            raise ValueError(f"steps must be in [1, block_size={block}], got {o['steps']}")
+        if mode == "diffusion" and o["steps"] is not None and (not _is_int(o["steps"]) or not 1 <= o["steps"] <= block):
+            raise ValueError(f"steps must be an int in [1, block_size={block}], got {o['steps']!r}")
         threshold = o.get("threshold", 0.0)
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
@@ -153,6 +169,11 @@ class Generator:
                              f"slack) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
         if lora is not None and lora is not False and mode != "linear_spec":
             raise ValueError(f"lora is only used by mode 'linear_spec' (draft passes), not {mode!r}")
+        for name, v in (("temperature", temperature), ("top_p", top_p)):
+            if v is not None and (not isinstance(v, (int, float, np.number)) or isinstance(v, bool)):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= cfg.vocab_size):
+            raise ValueError(f"top_k must be an int in [1, vocab_size={cfg.vocab_size}] or None, got {top_k!r}")
         Sampling.make(temperature, top_k, top_p)  # checks the values
         stops = cfg.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
         bad = [t for t in stops if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
@@ -161,24 +182,31 @@ class Generator:
             raise ValueError(f"stop_token_ids must be at most {MAX_STOP_IDS} ints in [0, {cfg.vocab_size}), got "
                              f"{list(stops)[:MAX_STOP_IDS + 1]}")
         stops = tuple(int(t) for t in stops)
-        return RowPlan(opts=self.make_options(mode, o), block=block, max_new=max_new_tokens,
+        think = {}
+        if max_thinking_tokens is not None:
+            if not _is_int(max_thinking_tokens) or max_thinking_tokens < 0:
+                raise ValueError(f"max_thinking_tokens must be an int >= 0 or None, got {max_thinking_tokens!r}")
+            think = {"think_budget": int(max_thinking_tokens), "think_end": self.think_end_id()}
+        return RowPlan(**think, opts=self.make_options(mode, o), block=block, max_new=max_new_tokens,
                        temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
                        threshold=float(threshold), steps=o.get("steps") or block)
 
     def _start(self, prompts, mode, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, lora,
-               mode_options) -> tuple[Pool, int]:
+               mode_options, max_thinking_tokens=None) -> tuple[Pool, int]:
         """A pool of one row per prompt (padded to a whole number of rows per mesh "data" device), every
         prompt admitted (prefilled); returns it and the number of real prompts."""
         ids = self.encode_prompts(prompts)
         n_real = len(ids)
-        seeds = [seed + i for i in range(n_real)] if isinstance(seed, int) else [int(x) for x in seed]
+        seeds = [seed + i for i in range(n_real)] if _is_int(seed) else list(seed)
         if len(seeds) != n_real:
             raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
+        if not all(_is_int(x) and 0 <= x < 2 ** 32 for x in seeds):
+            raise ValueError(f"seed must be an int in [0, 2**32) (row i uses seed + i), got {seed!r}")
         pad = round_up(n_real, self.runtime.data_rows) - n_real  # copies of the first prompt, results dropped
         ids, seeds = ids + [ids[0]] * pad, seeds + [seeds[0]] * pad
         longest = max(len(p) for p in ids)
         plan = self.check_request(mode, max_new_tokens, longest, temperature, top_k, top_p, stop_token_ids, lora,
-                                  mode_options)
+                                  mode_options, max_thinking_tokens)
         lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
         capacity, out_len = buffer_sizes(longest, max_new_tokens, plan.block)
         pool = Pool(self.runtime, plan.opts, lora_obj, len(ids), capacity, out_len)
@@ -188,13 +216,15 @@ class Generator:
     def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
                  stop_token_ids: Sequence[int] | None = None, lora=None, loop: str = "device",
-                 **mode_options) -> list[Result]:
+                 max_thinking_tokens: int | None = None, **mode_options) -> list[Result]:
         """Generates for a batch of prompts (strings or token-id lists) with the chosen mode.
 
         mode_options: diffusion: block_size, policy ('threshold' | 'low_confidence' | 'leftmost'), threshold,
         steps; linear_spec: block_size, threshold (0 = one draft pass). `seed`: an int (row i uses seed+i) or
         one per prompt. `lora`: None = the attached drafter, False = none, or a PEFT dir / LoRA.
         `loop`: 'device' (one on-device while loop) or 'python' (the step-by-step twin).
+        `max_thinking_tokens`: the thinking budget; the first output position at or past it holds `</think>`
+        unless one came earlier (every mode; greedy linear_spec still equals greedy ar).
 
         It runs on the engine's decode slots (slots.Pool): one row per prompt, all admitted at once, then
         one on-device loop until every row is done."""
@@ -202,7 +232,7 @@ class Generator:
             raise ValueError(f"loop must be 'device' or 'python', got {loop!r}")
         t0 = time.perf_counter()
         pool, n_rows = self._start(prompts, mode, max_new_tokens, temperature, top_k, top_p, seed,
-                                   stop_token_ids, lora, mode_options)
+                                   stop_token_ids, lora, mode_options, max_thinking_tokens)
         if loop == "device":
             pool.advance(until_all=True)
         else:
@@ -217,7 +247,7 @@ class Generator:
         t0 = time.perf_counter()
         pool, _ = self._start([prompt], mode, max_new_tokens, kw.pop("temperature", 0.0), kw.pop("top_k", None),
                               kw.pop("top_p", None), kw.pop("seed", 0), kw.pop("stop_token_ids", None),
-                              kw.pop("lora", None), kw)
+                              kw.pop("lora", None), kw, kw.pop("max_thinking_tokens", None))
         emitted = 0
         host = host_rows(pool.st)
         while True:
@@ -252,7 +282,8 @@ def decoding_options(cfg: Config, mode: str, options: dict, attn_impl="auto") ->
     """The static decoding options (what changes the program) from a mode's validated options merged over
     MODE_OPTIONS defaults; the values (threshold, steps) go per row into RowSettings."""
     o = {**MODE_OPTIONS[mode], **options}
-    return Options(mode=mode, block=o.get("block_size") or cfg.block_size, policy=o.get("policy", "threshold"),
+    block = cfg.block_size if o.get("block_size") is None else o["block_size"]
+    return Options(mode=mode, block=block, policy=o.get("policy", "threshold"),
                    mask_id=cfg.mask_token_id, attn_impl=attn_impl)
 
 

@@ -50,12 +50,15 @@ log = logging.getLogger("uvicorn.error")  # shown wherever uvicorn's own message
 OPTION_NAMES = sorted({k for opts in MODE_OPTIONS.values() for k in opts})
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-                 "user", "mode", "top_k", "stop_token_ids", "ignore_eos", *OPTION_NAMES}
+                 "user", "mode", "top_k", "stop_token_ids", "ignore_eos", "max_thinking_tokens", *OPTION_NAMES}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "logit_bias", "suffix",
                                      "presence_penalty", "frequency_penalty"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                               "parallel_tool_calls", "metadata", "store", "service_tier"}
+                               "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs"}
+# template variables the renderer sets itself: chat_template_kwargs may not override them
+RESERVED_TEMPLATE_KEYS = {"messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                          "continue_final_message", "tokenize"}
 # OpenAI fields this server does not implement: accepted only at their "off" values.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "logit_bias": (None, {}), "suffix": (None, ""), "presence_penalty": (None, 0),
@@ -170,11 +173,12 @@ class Job:
     options: dict
     stream: bool
     include_usage: bool
+    max_thinking_tokens: int | None = None
 
     def request(self, rid: str) -> Request:
         return Request(prompt=self.ids, mode=self.mode, max_new_tokens=self.max_tokens, temperature=self.temperature,
                        top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop_token_ids=self.stop_ids,
-                       options=dict(self.options), id=rid)
+                       options=dict(self.options), max_thinking_tokens=self.max_thinking_tokens, id=rid)
 
 
 def sampling_defaults(model_dir) -> dict:
@@ -372,14 +376,21 @@ class Server:
                                f"messages[{i}].content")
             rendered.append({**{k: v for k, v in m.items() if k not in ("role", "content")}, "role": role,
                              "content": content})
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise APIError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+        if set(kwargs) & RESERVED_TEMPLATE_KEYS:
+            raise APIError(f"'chat_template_kwargs' may not set {sorted(set(kwargs) & RESERVED_TEMPLATE_KEYS)}",
+                           "chat_template_kwargs")
         from jinja2.exceptions import TemplateError
 
         from nemodiff_jax.tokenizer import MissingChatTemplateError
 
         try:
-            # as `nemodiff generate --chat`: the rendered text already starts with BOS, so token ids
-            # (encoded without adding specials) go to the engine
-            return self.tokenizer.apply_chat_template(rendered, tokenize=True, add_generation_prompt=True)
+            # as `nemodiff generate --chat` and vLLM: the generation prompt added, the template's own
+            # options (enable_thinking, truncate_history_thinking, ...) from chat_template_kwargs; encoded
+            # without adding specials, as transformers does
+            return self.tokenizer.apply_chat_template(rendered, tokenize=True, add_generation_prompt=True, **kwargs)
         except MissingChatTemplateError as e:
             raise APIError(f"{e}; use /v1/completions", "messages") from None
         except TemplateError as e:
@@ -411,8 +422,10 @@ class Server:
             if top_k not in (0, -1):
                 raise APIError(f"'top_k' must be >= 1 (or -1 / 0: off), got {top_k}", "top_k")
             top_k = None
-        seed = _int(body, "seed", None)
-        seed = secrets.randbits(31) if seed is None else seed & 0xFFFFFFFF
+        if top_k is not None and top_k > cfg.vocab_size:
+            raise APIError(f"'top_k' must be at most the vocabulary size {cfg.vocab_size}, got {top_k}", "top_k")
+        seed = _int(body, "seed", None, lo=0, hi=2 ** 32 - 1)
+        seed = secrets.randbits(31) if seed is None else seed
         stop = body.get("stop")
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -465,9 +478,12 @@ class Server:
         if max_new is not None and max_tokens > max_new:
             raise APIError(f"max_tokens {max_tokens} exceeds this server's limit of {max_new} "
                            "(nemodiff serve --max-new-tokens)", "max_tokens")
+        think = _int(body, "max_thinking_tokens", None, lo=0)
+        if think is not None and self.tokenizer is None:
+            raise APIError("'max_thinking_tokens' needs the model's tokenizer ('</think>')", "max_thinking_tokens")
         return Job(ids=ids, mode=mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, stop=stop, stop_ids=stop_ids, options=options, stream=stream,
-                   include_usage=include_usage)
+                   include_usage=include_usage, max_thinking_tokens=think)
 
     # ---- generation ------------------------------------------------------------------------
     def submit(self, job: Job, rid: str):

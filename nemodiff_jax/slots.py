@@ -112,13 +112,15 @@ class RowPlan:
     stop_ids: tuple[int, ...]
     threshold: float
     steps: int
+    think_budget: int = -1  # the most thinking tokens before </think> is forced (-1: none)
+    think_end: int = -1  # the </think> id
 
 
 def row_settings(plans: Sequence[RowPlan]) -> RowSettings:
     """The traced per-row settings of a batch of requests (one RowPlan per row)."""
     return RowSettings.make([p.max_new for p in plans], [p.temperature for p in plans], [p.top_k for p in plans],
                             [p.top_p for p in plans], [p.stop_ids for p in plans], [p.threshold for p in plans],
-                            [p.steps for p in plans])
+                            [p.steps for p in plans], [p.think_budget for p in plans], [p.think_end for p in plans])
 
 
 def host_rows(st: State) -> State:

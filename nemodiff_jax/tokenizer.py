@@ -1,9 +1,15 @@
-"""HF-compatible tokenizer wrapper (spec §4): `tokenizers` for the BPE, jinja2 for chat templates.
+"""HF-compatible tokenizer wrapper (spec §4, §11): `tokenizers` for the BPE, jinja2 for chat templates.
 
-We avoid `transformers` on purpose (heavy, torch-oriented) but must stay bit-compatible with the
-reference scripts, which do ``apply_chat_template(..., tokenize=False)`` and then ``tokenizer(prompt)``.
-So `encode` goes through the tokenizer.json post-processor exactly like a fast HF tokenizer, and the
-template is rendered with HF's jinja settings.
+We avoid `transformers` on purpose (heavy, torch-oriented) but render and encode exactly as it does:
+- `encode` goes through the tokenizer.json post-processor like a fast HF tokenizer (`tokenizer(text)`);
+- chat templates are read as transformers 5 reads them (`chat_template.jinja` and
+  `additional_chat_templates/*.jinja`, else `tokenizer_config.json`'s `chat_template`, a string or a named
+  list) and rendered in the same jinja environment (sandboxed, trim_blocks, lstrip_blocks, loopcontrols,
+  `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII, the `{% generation %}` tag) with the
+  same variables (`messages`, `tools`, `documents`, `add_generation_prompt`, the special tokens that are set,
+  and every extra keyword such as `enable_thinking`);
+- a rendered chat is encoded with `add_special_tokens=False`, as transformers' `apply_chat_template(...,
+  tokenize=True)` does and as NVIDIA encodes the NLD Instruct template (which carries no BOS; spec §11).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import jinja2
 import tokenizers
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).parent / "assets"
@@ -44,22 +51,55 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"cannot read {path}: {e}") from e
 
 
-def _find_chat_template(d: Path, config: dict[str, Any]) -> str | None:
-    """HF precedence: chat_template.jinja, then chat_template.json, then the config, then any *.jinja."""
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _find_chat_templates(d: Path, config: dict[str, Any]) -> str | dict[str, str] | None:
+    """As transformers 5 loads them: `chat_template.jinja` (the default) and `additional_chat_templates/*.jinja`
+    (named) take priority over the config's `chat_template`, a string or a list of {"name", "template"}. One
+    default template is a string; several are a dict by name."""
+    files = {}
     if (d / "chat_template.jinja").is_file():
-        return (d / "chat_template.jinja").read_text(encoding="utf-8")
-    if (d / "chat_template.json").is_file():
-        tpl = _read_json(d / "chat_template.json").get("chat_template")
-        if isinstance(tpl, str):
-            return tpl
+        files["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for f in sorted((d / "additional_chat_templates").glob("*.jinja")):
+        files[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if files:
+        return files["default"] if list(files) == ["default"] else files
     tpl = config.get("chat_template")
-    if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
-        tpl = named.get("default") or next(iter(named.values()), None)
-    if isinstance(tpl, str):
-        return tpl
-    others = sorted(d.glob("*.jinja")) + sorted(d.glob("additional_chat_templates/*.jinja"))
-    return others[0].read_text(encoding="utf-8") if others else None
+    if isinstance(tpl, list):
+        try:
+            return {t["name"]: t["template"] for t in tpl}
+        except (TypeError, KeyError):
+            raise ValueError("tokenizer_config.json: 'chat_template' as a list must hold {'name', 'template'} "
+                             "objects") from None
+    if tpl is not None and not isinstance(tpl, str):
+        raise ValueError(f"tokenizer_config.json: 'chat_template' must be a string or a named list, got "
+                         f"{type(tpl).__name__}")
+    return tpl
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` block (it marks assistant text for training
+    masks): the body renders as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: jinja2.runtime.Macro) -> str:
+        return caller()
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
 
 
 def _raise_exception(message: str) -> None:
@@ -87,13 +127,13 @@ class Tokenizer:
                  chat_template: str | None = None, source: str | None = None) -> None:
         self.backend = backend
         self.config = dict(config or {})
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # a string, or named templates (dict), or None
         self.source = source
         self.bos_token = _token_str(self.config.get("bos_token")) or self._if_known("<s>")
         self.eos_token = _token_str(self.config.get("eos_token")) or self._if_known("</s>")
         self.add_bos_token = bool(self.config.get("add_bos_token", True))
         self._clean_up = bool(self.config.get("clean_up_tokenization_spaces", False))
-        self._compiled: jinja2.Template | None = None
+        self._compiled: dict[str, jinja2.Template] = {}
         if self.config.get("tokenizer_class") in _REBUILDS_POST_PROCESSOR:
             self._rebuild_post_processor()
 
@@ -113,7 +153,10 @@ class Tokenizer:
         config = _read_json(cfg_path) if cfg_path.is_file() else {}
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_path}: expected a JSON object")
-        return cls(backend, config, _find_chat_template(d, config), source=str(d))
+        stm = d / "special_tokens_map.json"  # transformers reads it too; the config's own entries win
+        if stm.is_file() and isinstance(extra := _read_json(stm), dict):
+            config = {**{k: v for k, v in extra.items() if k in SPECIAL_TOKEN_NAMES}, **config}
+        return cls(backend, config, _find_chat_templates(d, config), source=str(d))
 
     @classmethod
     def default(cls) -> Tokenizer:
@@ -191,58 +234,97 @@ class Tokenizer:
             yield tail
 
     # ---- chat ------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False, tokenize: bool = False,
-                            **kwargs: Any) -> str | list[int]:
-        """Render like HF; with tokenize=True encode *without* adding specials, as HF does."""
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set (transformers' `special_tokens_map`): template variables."""
+        out = {k: _token_str(self.config.get(k)) for k in SPECIAL_TOKEN_NAMES}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The template to render, chosen as transformers chooses: a name among named templates (else
+        "tool_use" when tools are given, else "default"), a template string, or the tokenizer's own."""
+        if isinstance(self.chat_template, dict):
+            named = self.chat_template
+            if chat_template is not None and chat_template in named:
+                return named[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in named:
+                    return named["tool_use"]
+                if "default" in named:
+                    return named["default"]
+                raise ValueError(f"this tokenizer has several chat templates and no default: pass one of "
+                                 f"{sorted(named)} as chat_template")
+            return chat_template
+        if chat_template is not None:
+            return chat_template
         if self.chat_template is None:
             raise MissingChatTemplateError(
-                f"tokenizer at {self.source or '<memory>'} has no chat template (no chat_template.jinja, "
-                "*.jinja or tokenizer_config.json 'chat_template'); use plain-text prompts for base models")
-        if self._compiled is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._compiled = env.from_string(self.chat_template)
-        specials = {k: _token_str(self.config.get(k)) for k in
-                    ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token")}
-        specials.update(bos_token=self.bos_token, eos_token=self.eos_token)
-        text = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     enable_thinking=enable_thinking, **{**specials, **kwargs})
+                f"tokenizer at {self.source or '<memory>'} has no chat template (no chat_template.jinja or "
+                "tokenizer_config.json 'chat_template'); use plain-text prompts for base models")
+        return self.chat_template
+
+    def apply_chat_template(self, conversation: list[dict[str, Any]], tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+                            tokenize: bool = True, **kwargs: Any) -> str | list[int]:
+        """Renders (and by default encodes) a conversation exactly as transformers' `apply_chat_template`
+        with the same arguments and defaults. Extra keywords (`enable_thinking`, `truncate_history_thinking`,
+        ...) reach the template as variables, over the special tokens. `tokenize=True` returns the token ids
+        (encoded with add_special_tokens=False, as transformers does; its default return is a BatchEncoding
+        holding these ids), `tokenize=False` the text."""
+        template = self.get_chat_template(chat_template, tools)
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError("cannot apply the chat template to an empty conversation: give at least one message")
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise ValueError("tools must be JSON schemas (dicts)")
+        if documents is not None and not all(isinstance(x, dict) for x in documents):
+            raise TypeError("documents must be a list of dicts with 'title' and 'text' keys")
+        if template not in self._compiled:
+            self._compiled[template] = _environment().from_string(template)
+        messages, key, tag = list(conversation), None, "CONTINUE_FINAL_MESSAGE_TAG "
+        if continue_final_message:
+            key = continue_final_message if isinstance(continue_final_message, str) else "content"
+            final = messages[-1].get(key) if isinstance(messages[-1], dict) else None
+            if not isinstance(final, str):
+                raise ValueError(f"continue_final_message is set but the final message has no {key!r} text")
+            if key not in template:
+                raise ValueError(f"continue_final_message is set to {key!r}, which the chat template does not use")
+            messages[-1] = {**messages[-1], key: final + tag}
+        text = self._compiled[template].render(messages=messages, tools=tools, documents=documents,
+                                               add_generation_prompt=add_generation_prompt,
+                                               **{**self.special_tokens_map, **kwargs})
+        if key is not None:
+            if final.strip() not in text or tag.strip() not in text:
+                raise ValueError("continue_final_message is set but the chat template dropped the final message")
+            at = text.rindex(tag.strip())
+            text = text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 class StreamDecoder:
-    """Incremental detokenizer for generation output.
-
-    Byte-level BPE may split one UTF-8 character over several tokens; decoding such a prefix gives
-    U+FFFD. We therefore re-decode a short window (previous chunk + pending tokens) and emit only
-    when it no longer ends in U+FFFD; the previous chunk is kept as context because some decoders
-    (SentencePiece-style) render a token differently at the start of a string.
-    """
+    """Incremental detokenizer for generation output: `tokenizers`' own DecodeStream (it holds back a UTF-8
+    character split over several byte-level tokens and renders each token in the context of the ones before
+    it), plus `flush` for what is still held back when the stream ends. The pieces concatenate to
+    `decode(ids)` (without the config's legacy clean_up_tokenization_spaces rewrite, if it asks for one)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._stream = tokenizers.decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix = 0  # start of the context window
-        self._read = 0    # end of what has been emitted
+        self._emitted = ""
 
     def step(self, token_id: int) -> str:
         """Feed one token; returns the newly completed text ('' while a character is incomplete)."""
         self._ids.append(int(token_id))
-        done = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        text = self._tok.decode(self._ids[self._prefix:], self._skip)
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return text[len(done):]
-        return ""
+        piece = self._stream.step(self._tok.backend, int(token_id)) or ""
+        self._emitted += piece
+        return piece
 
     def flush(self) -> str:
-        """Emit whatever is pending at end of stream (a genuinely invalid tail becomes U+FFFD)."""
-        done = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        text = self._tok.decode(self._ids[self._prefix:], self._skip)
-        self._prefix = self._read = len(self._ids)
-        return text[len(done):]
+        """What is pending at the end of the stream (an invalid tail decodes to U+FFFD, as in decode)."""
+        full = self._tok.backend.decode(self._ids, skip_special_tokens=self._skip)
+        tail = full[len(self._emitted):] if full.startswith(self._emitted) else ""
+        self._stream = tokenizers.decoders.DecodeStream(skip_special_tokens=self._skip)
+        self._ids, self._emitted = [], ""
+        return tail

@@ -49,18 +49,9 @@ NON_SPECIAL = {"<think>", "</think>"}
 MILTON_WORKS = ("allegro.txt", "areopagitica.txt", "paradiseregained.txt", "paradiselost.txt")
 VAL_DOCS = ("winters_tale_gut.txt",)  # held out: a whole play, ~2.6% of the corpus
 
-CHAT_TEMPLATE = (
-    "{{- bos_token }}\n"
-    "{%- for message in messages %}\n"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{- raise_exception('Unknown role: ' ~ message['role']) }}{%- endif %}\n"
-    "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' }}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "{{- '<|im_start|>assistant\\n' }}\n"
-    "{%- if enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- endif %}\n"
-    "{%- endif %}\n"
-)
+# The bundled chat template (the released NLD Instruct format, spec §11) is maintained in the package itself.
+CHAT_TEMPLATE = (Path(__file__).resolve().parents[1] / "nemodiff_jax" / "assets" / "chat_template.jinja").read_text(
+    encoding="utf-8")
 
 
 def special_tokens() -> list[str]:

@@ -27,6 +27,8 @@ def requests():
             r |= {"temperature": 0.7, "seed": 100 + i}
         reqs.append(r)
     reqs.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 5})
+    reqs.append({"id": "think", "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 6,
+                 "chat_template_kwargs": {"enable_thinking": True}, "max_thinking_tokens": 2, "mode": "diffusion"})
     return reqs
 
 
@@ -38,6 +40,12 @@ def write_input(path, with_bad=True):
         lines.insert(6, json.dumps({"id": "m", "prompt": "x", "mode": "beam"}))  # line 7
         lines.append(json.dumps({"id": "r0", "prompt": "dup"}))            # duplicate id
         lines.append(json.dumps({"id": "long", "prompt": "word " * 400}))  # over --max-prompt-tokens
+        lines.append(json.dumps({"id": "f", "prompt": [[5.5, 6]]}))
+        lines.append(json.dumps({"id": "s", "prompt": "x", "seed": -1}))
+        lines.append(json.dumps({"id": "t", "prompt": "x", "max_thinking_tokens": -1}))
+        lines.append(json.dumps({"id": "k", "messages": [{"role": "user", "content": "x"}],
+                                 "chat_template_kwargs": {"add_generation_prompt": False}}))
+        lines.append(json.dumps({"id": "r", "messages": [{"role": "wizard", "content": "x"}]}))
         lines.append("")                                                   # blank lines are ignored
     path.write_text("\n".join(lines) + "\n")
 
@@ -58,17 +66,22 @@ def test_results_equal_single_generation_and_bad_lines_reported(model_dir, tmp_p
     assert run_job(model_dir, inp, out) == 0
     err = capsys.readouterr().err
     for needle in ("line 3: not valid JSON", "line 5: missing or invalid 'id'", "line 7: unknown mode 'beam'",
-                   "duplicate id 'r0'", "exceeds the job's limit 64", "5 malformed lines skipped"):
+                   "duplicate id 'r0'", "exceeds the job's limit 64", "token ids must be integers",
+                   "seed must be an int in [0, 2**32)", "max_thinking_tokens must be an int >= 0",
+                   "chat_template_kwargs may not set ['add_generation_prompt']", "Unknown role: wizard",
+                   "10 malformed lines skipped"):
         assert needle in err, needle
     results = {r["id"]: r for r in read_out(out)}
     assert sorted(results) == sorted(r["id"] for r in requests())
     gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
     for req in requests():
         got = results[req["id"]]
-        prompt = (gen.tokenizer.apply_chat_template(req["messages"], tokenize=True) if "messages" in req
-                  else req["prompt"])
+        prompt = (gen.tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True,
+                                                    **req.get("chat_template_kwargs", {}))
+                  if "messages" in req else req["prompt"])
         want = gen.generate([prompt], mode=req.get("mode", "linear_spec"), max_new_tokens=req["max_new_tokens"],
-                            temperature=req.get("temperature", 0.0), seed=req.get("seed", 0))[0]
+                            temperature=req.get("temperature", 0.0), seed=req.get("seed", 0),
+                            max_thinking_tokens=req.get("max_thinking_tokens"))[0]
         assert got["tokens"] == want.tokens, req["id"]
         assert got["text"] == want.text
         assert got["stats"]["generated_tokens"] == len(want.tokens)

@@ -71,3 +71,31 @@ def test_bad_mode_option_is_a_clear_error(model_dir, capsys):
     rc = cli.main(["generate", "--model", str(model_dir), "--mode", "ar", "--policy", "leftmost", "--prompt", "x"])
     assert rc == 2
     assert "unknown option(s) ['policy'] for mode 'ar'" in capsys.readouterr().err
+
+
+def test_chat_thinking_and_budget_match_the_api(model_dir, capsys):
+    """--chat renders one user turn with the generation prompt, --thinking sets enable_thinking, and
+    --max-thinking-tokens is the API's budget: the printed text equals the API's."""
+    import nemodiff_jax
+
+    assert cli.main(["generate", "--model", str(model_dir), "--dtype", "float32", "--mode", "ar", "--chat",
+                     "--thinking", "--max-thinking-tokens", "2", "--prompt", "Hail!", "--max-new-tokens", "6"]) == 0
+    out, _ = capsys.readouterr()
+    gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
+    ids = gen.tokenizer.apply_chat_template([{"role": "user", "content": "Hail!"}], add_generation_prompt=True,
+                                            enable_thinking=True)
+    want = gen.generate([ids], mode="ar", max_new_tokens=6, max_thinking_tokens=2)[0]
+    assert want.tokens[2] == gen.tokenizer.token_to_id("</think>")
+    assert out.rstrip("\n") == want.text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "diffusion", "--block-size", "0"], "block_size must be an int in [2, 256], got 0"),
+    (["--seed", "-1"], "seed must be an int in [0, 2**32)"),
+    (["--top-k", "1000000"], "top_k must be an int in [1, vocab_size="),
+    (["--max-thinking-tokens", "-1"], "max_thinking_tokens must be an int >= 0"),
+    (["--thinking"], "--thinking turns on the chat template's thinking: it needs --chat"),
+])
+def test_bad_request_flags_are_clear_errors(model_dir, capsys, flags, message):
+    rc = cli.main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "2", *flags])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -31,7 +31,7 @@ PROMPTS = [
     "First Citizen:\nBefore we proceed",
     "MACBETH:\nIs this a dagger",
 ]
-CHAT = [{"role": "user", "content": "Hail!"}]  # 14 tokens rendered: the same prompt bucket as PROMPTS
+CHAT = [{"role": "user", "content": "Hail!"}]
 N = 16  # max_tokens everywhere (one compiled shape per mode, on both sides)
 MODEL = "nemodiff-embedded"
 
@@ -192,6 +192,24 @@ def test_chat_uses_the_template_and_streams_deltas(server, reference):
     assert chunks[-2].choices[0].finish_reason is not None and "stats" in chunks[-2].model_extra
 
 
+def test_chat_thinking_options_and_budget(server):
+    """chat_template_kwargs reach the template (vLLM's field), max_thinking_tokens forces </think>: both equal
+    the offline API with the same options."""
+    import nemodiff_jax
+
+    gen = nemodiff_jax.load(ASSETS, dtype="float32", progress=False)
+    ids = gen.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, enable_thinking=True)
+    assert gen.tokenizer.decode(ids, skip_special_tokens=False).endswith("<think>\n")
+    c = server.client()
+    for mode in MODES:
+        want = gen.generate([ids], mode=mode, max_new_tokens=N, max_thinking_tokens=3)[0]
+        assert want.tokens[3] == gen.tokenizer.token_to_id("</think>")
+        r = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=N, temperature=0,
+                                      extra_body={"mode": mode, "max_thinking_tokens": 3,
+                                                  "chat_template_kwargs": {"enable_thinking": True}})
+        assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == want.text, mode
+
+
 def test_32_concurrent_streaming_clients_in_mixed_modes(server, reference):
     ref = reference
     jobs = [(PROMPTS[i % len(PROMPTS)], MODES[i % len(MODES)]) for i in range(32)]
@@ -291,6 +309,11 @@ BAD = [  # (body, the field the error must name)
     ({"prompt": "HAMLET:", "stop": 7}, "stop"),
     ({"prompt": "HAMLET:", "stream": "yes"}, "stream"),
     ({"prompt": "HAMLET:", "logprobs": 3}, "logprobs"),
+    ({"prompt": [[5.5, 6]]}, "prompt"),
+    ({"prompt": "HAMLET:", "seed": -1}, "seed"),
+    ({"prompt": "HAMLET:", "top_k": 10 ** 6}, "top_k"),
+    ({"prompt": "HAMLET:", "mode": "diffusion", "block_size": 0}, "block_size"),
+    ({"prompt": "HAMLET:", "max_thinking_tokens": -2}, "max_thinking_tokens"),
 ]
 BAD_CHAT = [
     ({"messages": []}, "messages"),
@@ -298,6 +321,10 @@ BAD_CHAT = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "hi"}], "mode": "diffusion", "threshold": 2}, "threshold"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": ["x"]}, "chat_template_kwargs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}},
+     "chat_template_kwargs"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}, "messages"),
 ]
 
 

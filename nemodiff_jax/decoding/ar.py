@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from nemodiff_jax.decoding.common import Options, State, finish_rows, forward
+from nemodiff_jax.decoding.common import Options, State, finish_rows, force_think_end, forward
 from nemodiff_jax.sampling import choose, row_keys
 
 STREAM = 0  # random stream of AR choices; the counter is the position of the token being chosen
@@ -21,7 +21,8 @@ def step(model, st: State, opts: Options) -> State:
     active = ~st.done
     logits, cache = forward(model, st.seed[:, None], st.cache, causal=True, opts=opts)
     cache = cache.advance(active.astype(jnp.int32))
-    tok = choose(logits, row_keys(st.keys, STREAM, cache.lengths), st.rows.sampling)[:, 0]
+    tok = choose(logits, row_keys(st.keys, STREAM, cache.lengths), st.rows.sampling)
+    tok = force_think_end(tok, st.n_out, st.out, st.n_out, st.rows)[0][:, 0]
     upd = finish_rows(st, tok[:, None], jnp.ones_like(st.n_out), active)
     one = active.astype(jnp.int32)
     return dataclasses.replace(st, cache=cache, seed=jnp.where(active, tok, st.seed), passes=st.passes + one,

@@ -47,11 +47,14 @@ class RowSettings:
     stop_ids: jax.Array  # [B, S] int32, -1 = no stop id
     threshold: jax.Array  # [B] float32: diffusion unmask threshold; linear_spec draft threshold (0 = one pass)
     steps: jax.Array  # [B] int32: diffusion's most denoise steps per block (<= block)
+    think_budget: jax.Array  # [B] int32: the most thinking tokens before </think> is forced (-1: no budget)
+    think_end: jax.Array  # [B] int32: the </think> id (-1: none)
 
     @classmethod
-    def make(cls, max_new, temperature, top_k, top_p, stop_ids, threshold, steps) -> RowSettings:
+    def make(cls, max_new, temperature, top_k, top_p, stop_ids, threshold, steps, think_budget=None,
+             think_end=None) -> RowSettings:
         """From per-row Python values (lists of length B; top_k / top_p entries may be None, stop_ids a list
-        of id lists)."""
+        of id lists; think_budget / think_end: None = no budget for any row)."""
         if max((len(x) for x in stop_ids), default=0) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids per request")
         stops = np.full((len(stop_ids), MAX_STOP_IDS), -1, np.int32)  # one width: rows of any request mix
@@ -59,7 +62,9 @@ class RowSettings:
             stops[i, :len(ids)] = ids
         return cls(max_new=jnp.asarray(max_new, jnp.int32), sampling=Sampling.make(temperature, top_k, top_p),
                    stop_ids=jnp.asarray(stops), threshold=jnp.asarray(threshold, jnp.float32),
-                   steps=jnp.asarray(steps, jnp.int32))
+                   steps=jnp.asarray(steps, jnp.int32),
+                   think_budget=jnp.asarray([-1] * len(stop_ids) if think_budget is None else think_budget, jnp.int32),
+                   think_end=jnp.asarray([-1] * len(stop_ids) if think_end is None else think_end, jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -108,10 +113,30 @@ def prefill(model, prompt: jax.Array, prompt_lens: jax.Array, cache: KVCache, op
     return last, cache
 
 
+def force_think_end(tokens: jax.Array, start: jax.Array, out: jax.Array, n_out: jax.Array,
+                    rows: RowSettings) -> tuple[jax.Array, jax.Array]:
+    """The thinking budget (spec §6: the reference's max_thinking_tokens / end_think_token_id), one rule for
+    every mode: the first output index >= the row's budget holds </think> unless the row emitted one before it.
+
+    `tokens` [B, T] are to be emitted at output indices start..start+T-1 (`start` [B]) after the row's
+    `n_out` tokens in `out`. Returns the tokens with </think> written where the rule puts it, and where [B, T]."""
+    t = tokens.shape[1]
+    end, budget = rows.think_end[:, None], rows.think_budget[:, None]
+    seen = jnp.any((out == end) & (jnp.arange(out.shape[1])[None, :] < n_out[:, None]), axis=1)
+    is_end = tokens == end
+    before = jnp.cumsum(is_end, axis=1) - is_end  # ends among the new tokens before each slot
+    at = start[:, None] + jnp.arange(t)[None, :] == jnp.maximum(budget, start[:, None])
+    force = (budget >= 0) & (end >= 0) & ~seen[:, None] & at & (before == 0)
+    return jnp.where(force, end, tokens), force
+
+
 def initial_state(cache, out_len, keys, rows: RowSettings, lora, first: jax.Array) -> State:
     """State after prefill: `first` [B] is the first generated token (already emitted)."""
     b = first.shape[0]
-    out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
+    out = jnp.zeros((b, out_len), jnp.int32)
+    zero = jnp.zeros((b,), jnp.int32)
+    first = force_think_end(first[:, None], zero, out, zero, rows)[0][:, 0]  # a budget of 0
+    out = out.at[:, 0].set(first)
     n_out = jnp.ones((b,), jnp.int32)
     done = is_stop(first, rows.stop_ids) | (n_out >= rows.max_new)
     def zeros():  # distinct buffers: the state is donated, and one buffer may not be donated twice

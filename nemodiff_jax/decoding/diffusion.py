@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from nemodiff_jax.decoding.common import Options, State, finish_rows, forward, is_stop
+from nemodiff_jax.decoding.common import Options, State, finish_rows, force_think_end, forward, is_stop
 from nemodiff_jax.sampling import choose, confidence, row_keys
 
 POLICIES = ("threshold", "low_confidence", "leftmost")
@@ -94,6 +94,11 @@ def step(model, st: State, opts: Options) -> State:
     L = opts.block
     active = ~st.done
     block, masked = new_block(st.seed, L, opts.mask_id)
+    # a thinking budget inside this block: </think> written into its slot before denoising (slot j is output
+    # index n_out - 1 + j; slot 0, the seed, is already out)
+    forced_tail, forced = force_think_end(block[:, 1:], st.n_out, st.out, st.n_out, st.rows)
+    block = block.at[:, 1:].set(forced_tail)
+    masked = masked.at[:, 1:].set(masked[:, 1:] & ~forced)
     block, cache, nsteps, k = denoise(model, st, block, masked, st.cache, opts)
     # commit: causal pass over the final block writes its K/V; its last logit seeds the next block
     logits, cache = forward(model, block, cache, causal=True, opts=opts)
@@ -101,6 +106,8 @@ def step(model, st: State, opts: Options) -> State:
     seed = choose(logits[:, -1:], row_keys(st.keys, 0, cache.lengths), st.rows.sampling)[:, 0]
     # slot 0 was emitted when it was chosen; emit the denoised slots and the next seed (chosen now)
     emitted = jnp.concatenate([block[:, 1:], seed[:, None]], axis=1)
+    emitted = force_think_end(emitted, st.n_out, st.out, st.n_out, st.rows)[0]  # the budget at the next seed
+    seed = emitted[:, -1]
     upd = finish_rows(st, emitted, jnp.full_like(st.n_out, L), active)
     one = active.astype(jnp.int32)
     return dataclasses.replace(st, cache=cache, seed=jnp.where(active, seed, st.seed),

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from nemodiff_jax.decoding.common import Options, State, finish_rows, forward
+from nemodiff_jax.decoding.common import Options, State, finish_rows, force_think_end, forward
 from nemodiff_jax.decoding.diffusion import new_block, select
 from nemodiff_jax.sampling import choose, confidence, row_keys
 
@@ -56,8 +56,13 @@ def step(model, st: State, opts: Options) -> State:
     a = choose(logits, row_keys(st.keys, STREAM_VERIFY, cache.lengths), st.rows.sampling)  # [B, L]
     n = jnp.sum(jnp.cumprod(a[:, :-1] == block[:, 1:], axis=-1), axis=-1).astype(jnp.int32)
     accepted = n + 1
+    # a thinking budget among the accepted tokens: </think> takes the bonus's place at the budget index and
+    # the round stops there (the tokens before it are accepted drafts, as in AR with the same budget)
+    a, forced = force_think_end(a, st.n_out, st.out, st.n_out, st.rows)
+    at = jnp.argmax(forced, axis=1).astype(jnp.int32)
+    accepted = jnp.where(jnp.any(forced, axis=1) & (at < accepted), at + 1, accepted)
     cache = cache.advance(jnp.where(active, accepted, 0))
-    bonus = jnp.take_along_axis(a, n[:, None], axis=1)[:, 0]
+    bonus = jnp.take_along_axis(a, (accepted - 1)[:, None], axis=1)[:, 0]
     upd = finish_rows(st, a, accepted, active)
     one = active.astype(jnp.int32)
     return dataclasses.replace(st, cache=cache, seed=jnp.where(active, bonus, st.seed),
