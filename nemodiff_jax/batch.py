@@ -1,7 +1,7 @@
 """Batch generation jobs: JSONL in -> JSONL out, on the serving engine, resumable, one file per process.
 
 Input lines: {"id": ..., "prompt": str | [int] | "messages": [...], optional "mode", "max_new_tokens",
-"temperature", "seed"}. Output lines: {"id", "text", "tokens", "stats"}, appended and flushed one result at a
+"temperature", "seed", "max_thinking_tokens", "chat_template_kwargs"}. Output lines: {"id", "text", "tokens", "stats"}, appended and flushed one result at a
 time, so a killed job loses nothing it finished; on restart, ids already in the output are skipped and a torn
 last line is cut off. Malformed input lines are reported with their line number and the job goes on.
 
