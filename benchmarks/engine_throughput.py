@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--segments", nargs="+", type=int, default=[8, 1 << 30],
-                   help="engine segment lengths (8: the server's default; 2**30: a batch job's)")
+                   help="engine segment lengths (16: the engine's default; 2**30: a batch job's)")
     p.add_argument("--per-mode", type=int, default=32)
     p.add_argument("--job-new-tokens", type=int, default=64)
     p.add_argument("--job-batch", type=int, default=16)

@@ -63,8 +63,8 @@ def template_kwargs(line_no: int, obj: dict) -> dict:
     return kw
 
 
-RESERVED_TEMPLATE_KEYS = {"messages", "tools", "documents", "chat_template", "add_generation_prompt",
-                          "continue_final_message", "tokenize"}
+RESERVED_TEMPLATE_KEYS = {"messages", "conversation", "self", "tools", "documents", "chat_template",
+                          "add_generation_prompt", "continue_final_message", "tokenize"}
 
 
 def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
@@ -108,8 +108,8 @@ def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
         raise BadRequest(f"line {line_no}: prompt of {len(ids)} tokens exceeds the job's limit "
                          f"{job.max_prompt_tokens} (--max-prompt-tokens)")
     think = obj.get("max_thinking_tokens")
-    if think is not None and (not isinstance(think, int) or isinstance(think, bool) or think < 0):
-        raise BadRequest(f"line {line_no}: max_thinking_tokens must be an int >= 0")
+    if think is not None and (not isinstance(think, int) or isinstance(think, bool) or not 0 <= think < 2 ** 31):
+        raise BadRequest(f"line {line_no}: max_thinking_tokens must be an int in [0, 2**31)")
     return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed, think)
 
 
@@ -184,6 +184,7 @@ def run_batch_job(gen: Generator, job: Job) -> int:
 
     pending: list[tuple[Request, RowPlan]] = []
     seen: set[str] = set()
+    modes: set[str] = set()
     errors = 0
     with open(in_path) as f:
         for line_no, raw in enumerate(f, 1):
@@ -199,9 +200,10 @@ def run_batch_job(gen: Generator, job: Job) -> int:
                 print(f"nemodiff batch: skipped {e}", file=sys.stderr)
                 continue
             seen.add(r.id)
+            modes.add(r.mode)
             if r.id not in done:
                 pending.append((r, plan))
-    check_flags_used(job.mode_options, {r.mode for r, _ in pending})
+    check_flags_used(job.mode_options, modes)  # every valid line's mode: a finished job reruns as a no-op
     finished: queue.Queue[Handle] = queue.Queue()
     engine = Engine(gen, slots=max(1, min(job.batch_size, len(pending))), max_queue=max(1, len(pending)),
                     max_prompt_tokens=job.max_prompt_tokens, max_new_tokens=job.cap, segment_steps=1 << 30,

@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
     if args.chat:
         if gen.tokenizer is None:
             raise SystemExit("--chat needs a tokenizer in the model directory")
-        # token ids: the template already starts with BOS, so no second one is added by encoding
+        # token ids, encoded without adding specials (as transformers and NVIDIA do: the template has no BOS)
         prompt = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                                    add_generation_prompt=True, enable_thinking=args.thinking)
     elif args.thinking:

@@ -134,6 +134,8 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Engine:
+        if self._thread is not None and self._stopping.is_set():
+            raise RuntimeError("the engine is still stopping (its worker has not finished its segment)")
         if self._thread is None:
             self._stopping.clear()
             self._thread = threading.Thread(target=self._run, name="nemodiff-engine", daemon=True)
@@ -144,7 +146,8 @@ class Engine:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():  # kept while it runs: a later start() must not add a second worker
+                self._thread = None
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -153,9 +156,10 @@ class Engine:
         self.stop()
 
     def warm_up(self, requests: Sequence[Request] | None = None) -> int:
-        """Compiles, before start(), every program the given requests' pools run (default: one request per
-        mode with its default options) at every admission shape (Pool.admission_shapes: row counts x prompt
-        widths up to max_prompt_tokens), so no client waits for a compile. Returns the admissions run."""
+        """Compiles, before start(), the programs the given requests' pools run (default: one request per
+        mode with its default options; a request with another block size or policy compiles its own program
+        when it first comes) at every admission shape (Pool.admission_shapes: row counts x prompt widths up to
+        max_prompt_tokens), so no client of those programs waits for a compile. Returns the admissions run."""
         if self._thread is not None:
             raise RuntimeError("warm_up runs before start()")
         if requests is None:
@@ -223,7 +227,7 @@ class Engine:
             raise ValueError(f"seed must be an int in [0, 2**32), got {r.seed!r}")
         plan = self.gen.check_request(r.mode, r.max_new_tokens, len(ids), r.temperature, r.top_k, r.top_p,
                                       r.stop_token_ids, None, dict(r.options), r.max_thinking_tokens)
-        return ids, plan
+        return ids, self.gen.prompt_plan(plan, ids)
 
     # ------------------------------------------------------------------ the worker
 

@@ -133,6 +133,16 @@ class Generator:
             out.append(ids)
         return out
 
+    def prompt_plan(self, plan: RowPlan, ids: Sequence[int]) -> RowPlan:
+        """The plan for one prompt: a prompt whose thinking is already closed (its last think tag is </think>,
+        as a template with thinking off writes it) takes no thinking budget, so none is forced into the
+        answer."""
+        if plan.think_budget < 0:
+            return plan
+        start = self.tokenizer.token_to_id("<think>") if self.tokenizer is not None else None
+        last = next((t for t in reversed(ids) if t in (start, plan.think_end)), None)
+        return dataclasses.replace(plan, think_budget=-1, think_end=-1) if last == plan.think_end else plan
+
     def think_end_id(self) -> int:
         """The </think> id, as the reference finds it: the last id of the tokenized string."""
         ids = self.tokenizer.encode("</think>", add_special_tokens=False) if self.tokenizer is not None else []
@@ -184,8 +194,9 @@ class Generator:
         stops = tuple(int(t) for t in stops)
         think = {}
         if max_thinking_tokens is not None:
-            if not _is_int(max_thinking_tokens) or max_thinking_tokens < 0:
-                raise ValueError(f"max_thinking_tokens must be an int >= 0 or None, got {max_thinking_tokens!r}")
+            if not _is_int(max_thinking_tokens) or not 0 <= max_thinking_tokens < 2 ** 31:
+                raise ValueError(f"max_thinking_tokens must be an int in [0, 2**31) or None, got "
+                                 f"{max_thinking_tokens!r}")
             think = {"think_budget": int(max_thinking_tokens), "think_end": self.think_end_id()}
         return RowPlan(**think, opts=self.make_options(mode, o), block=block, max_new=max_new_tokens,
                        temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
@@ -197,6 +208,8 @@ class Generator:
         prompt admitted (prefilled); returns it and the number of real prompts."""
         ids = self.encode_prompts(prompts)
         n_real = len(ids)
+        if not _is_int(seed) and not (isinstance(seed, Sequence | np.ndarray) and not isinstance(seed, str)):
+            raise ValueError(f"seed must be an int or one int per prompt, got {seed!r}")
         seeds = [seed + i for i in range(n_real)] if _is_int(seed) else list(seed)
         if len(seeds) != n_real:
             raise ValueError(f"got {len(seeds)} seeds for {n_real} prompts")
@@ -210,7 +223,7 @@ class Generator:
         lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
         capacity, out_len = buffer_sizes(longest, max_new_tokens, plan.block)
         pool = Pool(self.runtime, plan.opts, lora_obj, len(ids), capacity, out_len)
-        pool.admit({i: (i, p, s, plan) for i, (p, s) in enumerate(zip(ids, seeds))})
+        pool.admit({i: (i, p, s, self.prompt_plan(plan, p)) for i, (p, s) in enumerate(zip(ids, seeds))})
         return pool, n_real
 
     def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
@@ -224,7 +237,8 @@ class Generator:
         one per prompt. `lora`: None = the attached drafter, False = none, or a PEFT dir / LoRA.
         `loop`: 'device' (one on-device while loop) or 'python' (the step-by-step twin).
         `max_thinking_tokens`: the thinking budget; the first output position at or past it holds `</think>`
-        unless one came earlier (every mode; greedy linear_spec still equals greedy ar).
+        unless one came earlier (every mode; greedy linear_spec still equals greedy ar); a prompt whose
+        thinking is closed already takes none (prompt_plan).
 
         It runs on the engine's decode slots (slots.Pool): one row per prompt, all admitted at once, then
         one on-device loop until every row is done."""

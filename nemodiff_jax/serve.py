@@ -57,8 +57,8 @@ CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", 
                                "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
                                "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs"}
 # template variables the renderer sets itself: chat_template_kwargs may not override them
-RESERVED_TEMPLATE_KEYS = {"messages", "tools", "documents", "chat_template", "add_generation_prompt",
-                          "continue_final_message", "tokenize"}
+RESERVED_TEMPLATE_KEYS = {"messages", "conversation", "self", "tools", "documents", "chat_template",
+                          "add_generation_prompt", "continue_final_message", "tokenize"}
 # OpenAI fields this server does not implement: accepted only at their "off" values.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "logit_bias": (None, {}), "suffix": (None, ""), "presence_penalty": (None, 0),
@@ -376,7 +376,8 @@ class Server:
                                f"messages[{i}].content")
             rendered.append({**{k: v for k, v in m.items() if k not in ("role", "content")}, "role": role,
                              "content": content})
-        kwargs = body.get("chat_template_kwargs") or {}
+        kwargs = body.get("chat_template_kwargs")
+        kwargs = {} if kwargs is None else kwargs
         if not isinstance(kwargs, dict):
             raise APIError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
         if set(kwargs) & RESERVED_TEMPLATE_KEYS:
@@ -395,6 +396,8 @@ class Server:
             raise APIError(f"{e}; use /v1/completions", "messages") from None
         except TemplateError as e:
             raise APIError(f"the chat template rejected the messages: {e}", "messages") from None
+        except TypeError as e:  # a chat_template_kwargs name the renderer takes itself
+            raise APIError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
 
     def job(self, body: dict, ids: list[int], chat: bool) -> Job:
         cfg = self.config
@@ -478,7 +481,7 @@ class Server:
         if max_new is not None and max_tokens > max_new:
             raise APIError(f"max_tokens {max_tokens} exceeds this server's limit of {max_new} "
                            "(nemodiff serve --max-new-tokens)", "max_tokens")
-        think = _int(body, "max_thinking_tokens", None, lo=0)
+        think = _int(body, "max_thinking_tokens", None, lo=0, hi=2 ** 31 - 1)
         if think is not None and self.tokenizer is None:
             raise APIError("'max_thinking_tokens' needs the model's tokenizer ('</think>')", "max_thinking_tokens")
         return Job(ids=ids, mode=mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -67,7 +67,7 @@ def test_results_equal_single_generation_and_bad_lines_reported(model_dir, tmp_p
     err = capsys.readouterr().err
     for needle in ("line 3: not valid JSON", "line 5: missing or invalid 'id'", "line 7: unknown mode 'beam'",
                    "duplicate id 'r0'", "exceeds the job's limit 64", "token ids must be integers",
-                   "seed must be an int in [0, 2**32)", "max_thinking_tokens must be an int >= 0",
+                   "seed must be an int in [0, 2**32)", "max_thinking_tokens must be an int in [0, 2**31)",
                    "chat_template_kwargs may not set ['add_generation_prompt']", "Unknown role: wizard",
                    "10 malformed lines skipped"):
         assert needle in err, needle
@@ -116,8 +116,9 @@ def test_kill_and_restart_gives_exactly_one_result_per_id(model_dir, tmp_path, m
     assert sorted(ids) == sorted(r["id"] for r in requests()) and len(ids) == len(set(ids))
     by_id = {r["id"]: r["tokens"] for r in read_out(full)}
     assert {r["id"]: r["tokens"] for r in read_out(out)} == by_id
-    # a finished job restarted does nothing
+    # a finished job restarted does nothing, also with a mode flag that only finished lines' modes take
     assert run_job(model_dir, inp, out) == 0
+    assert run_job(model_dir, inp, out, "--policy", "leftmost") == 0
     assert len(read_out(out)) == len(ids)
 
 

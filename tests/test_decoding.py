@@ -414,9 +414,9 @@ def test_bad_input_errors(gens, lora):
         (dict(prompts=PROMPTS, mode="diffusion", policy="random"), "unknown diffusion policy 'random'"),
         (dict(prompts=PROMPTS, mode="linear_spec", policy="threshold"), r"unknown option\(s\) \['policy'\]"),
         (dict(prompts=PROMPTS, mode="ar", block_size=8), r"unknown option\(s\) \['block_size'\]"),
-        (dict(prompts=PROMPTS, mode="diffusion", steps=0), "steps must be in"),
-        (dict(prompts=PROMPTS, mode="diffusion", steps=L + 1), "steps must be in"),
-        (dict(prompts=PROMPTS, mode="diffusion", block_size=1), "block_size must be in"),
+        (dict(prompts=PROMPTS, mode="diffusion", steps=0), "steps must be an int in"),
+        (dict(prompts=PROMPTS, mode="diffusion", steps=L + 1), "steps must be an int in"),
+        (dict(prompts=PROMPTS, mode="diffusion", block_size=1), "block_size must be an int in"),
         (dict(prompts=PROMPTS, max_new_tokens=0), "max_new_tokens must be a positive int"),
         (dict(prompts=PROMPTS, max_new_tokens=-3), "max_new_tokens must be a positive int"),
         (dict(prompts=PROMPTS, max_new_tokens=250), "exceeds the model's max_position_embeddings 256"),
@@ -438,7 +438,12 @@ def test_bad_input_errors(gens, lora):
         (dict(prompts=PROMPTS, loop="gpu"), "loop must be 'device' or 'python'"),
         (dict(prompts=PROMPTS, temperature=-1.0), "temperature must be >= 0"),
         (dict(prompts=PROMPTS, top_p=0.0), "top_p must be in"),
-        (dict(prompts=PROMPTS, top_k=0), "top_k must be >= 1"),
+        (dict(prompts=PROMPTS, top_k=0), r"top_k must be an int in \[1, vocab_size=256\]"),
+        (dict(prompts=PROMPTS, top_k=257), r"top_k must be an int in \[1, vocab_size=256\]"),
+        (dict(prompts=[[5.5, 6]]), "prompt 0: token ids must be integers, got 5.5"),
+        (dict(prompts=PROMPTS, seed=-1), r"seed must be an int in \[0, 2\*\*32\)"),
+        (dict(prompts=PROMPTS, seed=1.5), "seed must be an int or one int per prompt"),
+        (dict(prompts=PROMPTS, mode="diffusion", block_size=0), "block_size must be an int in"),
     ]
     for kw, msg in cases:
         kw = {**ok, **kw}

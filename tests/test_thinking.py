@@ -45,7 +45,7 @@ def test_rule():
     assert forced([5, 6, 8], 3, [7, 7, 7, END, 0, 0, 0, 0], 3, budget=4)[0] == [5, END, 8]  # past n_out: not out
 
 
-@pytest.mark.parametrize("budget", [0, 1, 5, 31, 32, 40])
+@pytest.mark.parametrize("budget", [0, 5, 31, 40])
 def test_every_mode_forces_at_the_budget(gen, budget):
     """Budgets at the first token, inside a block, at a block's seed (31: diffusion's slot 0 of block 2) and
     past it; the unbudgeted text has no </think> (so every one below is forced)."""
@@ -75,7 +75,7 @@ def test_python_twin_and_engine(gen, mode):
 
 
 def test_bad_budgets(gen):
-    with pytest.raises(ValueError, match="max_thinking_tokens must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"max_thinking_tokens must be an int in \[0, 2\*\*31\)"):
         gen.generate(["x"], max_new_tokens=2, max_thinking_tokens=-1)
     no_tok = nemodiff_jax.generate.Generator(gen.model, tokenizer=None)
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -91,3 +91,23 @@ def test_thinking_template_options(gen):
     hist = user + [{"role": "assistant", "content": "<think>hm</think>Peace."}] + user
     assert "hm" not in tok.apply_chat_template(hist, tokenize=False)
     assert "<think>hm</think>Peace." in tok.apply_chat_template(hist, tokenize=False, truncate_history_thinking=False)
+
+
+def test_closed_thinking_takes_no_budget_and_big_budgets_fail_alone(gen):
+    """With thinking off the prompt ends in <think></think>: a budget then forces nothing. A budget past int32
+    is the request's own ValueError, not its pool's failure."""
+    tok = gen.tokenizer
+    user = [{"role": "user", "content": "Speak."}]
+    closed = tok.apply_chat_template(user, add_generation_prompt=True)
+    opened = tok.apply_chat_template(user, add_generation_prompt=True, enable_thinking=True)
+    free = gen.generate([closed], max_new_tokens=8)[0].tokens
+    assert gen.generate([closed], max_new_tokens=8, max_thinking_tokens=2)[0].tokens == free
+    assert gen.generate([opened], max_new_tokens=8, max_thinking_tokens=2)[0].tokens[2] == END
+    with pytest.raises(ValueError, match=r"max_thinking_tokens must be an int in \[0, 2\*\*31\)"):
+        gen.generate([opened], max_new_tokens=8, max_thinking_tokens=2 ** 31)
+    with Engine(gen, slots=2, max_prompt_tokens=64, max_new_tokens=64) as e:
+        ok = e.submit(Request(opened, max_new_tokens=8, max_thinking_tokens=2))
+        bad = e.submit(Request(opened, max_new_tokens=8, max_thinking_tokens=2 ** 31))
+        assert ok.wait().tokens[2] == END
+        with pytest.raises(ValueError, match="max_thinking_tokens"):
+            bad.wait()

@@ -117,6 +117,8 @@ def force_think_end(tokens: jax.Array, start: jax.Array, out: jax.Array, n_out: 
                     rows: RowSettings) -> tuple[jax.Array, jax.Array]:
     """The thinking budget (spec §6: the reference's max_thinking_tokens / end_think_token_id), one rule for
     every mode: the first output index >= the row's budget holds </think> unless the row emitted one before it.
+    In diffusion, as in the reference, the slot is written before its block is denoised, so the denoiser may
+    still put another </think> earlier in that block.
 
     `tokens` [B, T] are to be emitted at output indices start..start+T-1 (`start` [B]) after the row's
     `n_out` tokens in `out`. Returns the tokens with </think> written where the rule puts it, and where [B, T]."""
