@@ -46,7 +46,7 @@ def cmd_generate(args) -> int:
     from nemodiff_jax.generate import load
 
     gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False,
-               mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False))
+               mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False), quantize=args.quantize)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
         if gen.tokenizer is None:
@@ -143,7 +143,8 @@ def cmd_batch(args) -> int:
 
         jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
     mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
-    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh)
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh,
+               quantize=args.quantize)
     job = Job(input=Path(args.input), output=Path(args.output), batch_size=args.batch_size, mode=args.mode,
               max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -171,7 +172,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     path = Path(args.model) if args.model else default_model()
     gen = load(path, dtype=args.dtype, drafter=args.drafter, progress=False,
-               mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False))
+               mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False), quantize=args.quantize)
     name = args.served_model_name or (args.model if args.model else "nemodiff-embedded")
     serve.run(gen, name, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
               log_level=args.log_level, warmup=args.warmup, slots=args.slots,
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
         q.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                        help="split each model replica over N devices (heads, MLP, vocab; e.g. 14B over 2 or 4 GPUs)")
+        q.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                       help="store the matmul weights quantized (docs/QUANTIZATION.md; one device)")
 
     g = sub.add_parser("generate", help="generate for one prompt, streaming text, then print stats")
     sampling_args(g)
@@ -254,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
     sv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                     help="split the model over N devices (heads, MLP, vocab)")
+    sv.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                    help="store the matmul weights quantized (docs/QUANTIZATION.md; one device)")
     sv.add_argument("--api-key", default=None, metavar="KEY",
                     help="require 'Authorization: Bearer KEY' on every /v1 request (/health and /metrics stay open)")
     sv.add_argument("--max-queue", type=int, default=64, metavar="N",

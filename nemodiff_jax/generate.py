@@ -344,18 +344,30 @@ def _logits_fn(graphdef, params, tokens, causal, attn_impl):
     return logits
 
 
+def quant_formats() -> tuple[str, ...]:
+    from nemodiff_jax.quant import FORMATS
+
+    return FORMATS
+
+
 def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None = None, progress: bool = True,
-         mesh=None, attention: str = "auto") -> Generator:
+         mesh=None, attention: str = "auto", quantize: str | None = None) -> Generator:
     """Loads an HF NLD directory (config.json + safetensors) or a nemodiff orbax directory.
 
     `mesh` (see sharding.make_mesh): weights stream straight into their shardings (tensor parallel over
     "model"), batches are split over "data". `attention`: "auto" (the fastest path this device runs, per
-    shape: nemodiff_jax.attention.choose_impl) or a forced "pallas" | "cudnn" | "xla"."""
+    shape: nemodiff_jax.attention.choose_impl) or a forced "pallas" | "cudnn" | "xla". `quantize`: "int8" or
+    "int4" stores the matmul weights quantized (nemodiff_jax/quant.py, docs/QUANTIZATION.md; the reference
+    dequantize-then-dot path for now, one device)."""
     from nemodiff_jax.convert.hf import load_model
     from nemodiff_jax.convert.orbax_io import is_orbax_dir, load_orbax, orbax_config
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in quant_formats():
+        raise ValueError(f"quantize must be one of {quant_formats()} or None, got {quantize!r}")
+    if quantize is not None and mesh is not None:
+        raise ValueError("quantized weights do not shard over a mesh yet: load them on one device")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected an HF model directory or an orbax checkpoint)")
@@ -373,6 +385,10 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
             raise FileNotFoundError(f"{path}: no config.json")
         cfg = Config.from_file(path / "config.json")
         model = load_model(path, cfg, DTYPES[dtype], shardings=shardings_for(cfg), progress=progress)
+    if quantize is not None:
+        from nemodiff_jax.model import quantize_weights
+
+        model = quantize_weights(model, quantize)
     gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh, attention=attention)
     if drafter is not None:
         gen.attach_drafter(drafter)

@@ -16,10 +16,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemodiff_jax import rope
+from nemodiff_jax import quant, rope
 from nemodiff_jax.attention import chunk_attention, sdpa
 from nemodiff_jax.cache import KVCache, write_chunk
 from nemodiff_jax.config import Config
+
+
+# The matmul weights a quantized model stores as quant.QWeight, with the leading axes each one contracts.
+QUANTIZABLE = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1, "diffusion_head": 1}
+HEAD_FORMAT = {"int8": "int8", "int4": "int8"}  # int4 keeps an int8 head (docs/QUANTIZATION.md: +1.6 ppl else)
+
+
+def _matrix(p: nnx.Param, dtype) -> jax.Array:
+    """A matmul weight: the array, or a quantized weight dequantized in the weight's dtype (the reference
+    path of quant.py)."""
+    v = p.get_value()
+    return quant.dequantize(v, dtype) if isinstance(v, quant.QWeight) else v
+
+
+def quantize_weights(model: Transformer, fmt: str) -> Transformer:
+    """Replaces the matmul weights (QUANTIZABLE) by quant.QWeight in `fmt` ("int8" | "int4"), in place; the
+    embedding table and the norms stay as they are. Returns the model."""
+    if fmt not in quant.FORMATS:
+        raise ValueError(f"quantize must be one of {quant.FORMATS}, got {fmt!r}")
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path[-1]
+        if name in QUANTIZABLE and not isinstance(var.get_value(), quant.QWeight):
+            f = HEAD_FORMAT[fmt] if name == "diffusion_head" else fmt
+            var.set_value(quant.quantize(var.get_value(), f, QUANTIZABLE[name], name="/".join(map(str, path))))
+    return model
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
@@ -51,7 +76,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, qscale, cache: KVCache | None, layer: int, *, causal: bool, mask=None,
                  lora=None, attn_impl: str = "auto"):
-        qkv = jnp.einsum("btd,dkch->btkch", x, self.qkv_proj[...])
+        qkv = jnp.einsum("btd,dkch->btkch", x, _matrix(self.qkv_proj, x.dtype))
         g = self.group
         b, t, kh = qkv.shape[:3]
         q = qkv[:, :, :, :g].reshape(b, t, kh * g, -1)  # query head n = kv head * G + g (HF repeat_kv order)
@@ -71,7 +96,7 @@ class Attention(nnx.Module):
             v_buf = write_chunk(cache.v[layer], v, cache.lengths)
             cache = cache.with_layer(layer, k_buf, v_buf)
             out = chunk_attention(q, k_buf, v_buf, cache.lengths, causal=causal, impl=attn_impl)
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...])
+        y = jnp.einsum("btnh,nhd->btd", out, _matrix(self.o_proj, out.dtype))
         if lora is not None:  # drafter LoRA on o_proj: y += scale * (out A) B
             a, b = lora.a[layer], lora.b[layer]
             y = y + (jnp.einsum("btnh,nhr,rd->btd", out, a.astype(out.dtype), b.astype(out.dtype))
@@ -86,9 +111,9 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
 
     def __call__(self, x):
-        gate_up = jnp.einsum("btd,dcf->btcf", x, self.gate_up_proj[...])
+        gate_up = jnp.einsum("btd,dcf->btcf", x, _matrix(self.gate_up_proj, x.dtype))
         gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...])
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, _matrix(self.down_proj, x.dtype))
 
 
 class Block(nnx.Module):
@@ -140,7 +165,7 @@ class Transformer(nnx.Module):
 
     def head(self, h: jax.Array) -> jax.Array:
         """logits float32 [B,T,V]; falls back to the tied embedding only when the checkpoint has no head."""
-        w = self.embed_tokens[...].T if self.diffusion_head is None else self.diffusion_head[...]
+        w = self.embed_tokens[...].T if self.diffusion_head is None else _matrix(self.diffusion_head, h.dtype)
         return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto"):

@@ -72,16 +72,18 @@ def test_reference_matmul(fmt):
     assert jax.jit(lambda x, qw: quant.qeinsum("btnh,nhd->btd", x, qw))(x, qw).shape == (2, 3, 256)  # a pytree
 
 
-def _dequantized_model(master, bf16, fmt):
-    """The bf16 model with every matmul weight (qkv, o, gate_up, down, head) quantized from float32."""
+def _dequantized_model(master, target, fmt, head=None, dtype=jnp.bfloat16):
+    """`target`'s model with every matmul weight (qkv, o, gate_up, down; the head in `head`, default `fmt`)
+    quantized from `master`'s float32 weights and dequantized to `dtype`."""
     from flax import nnx
 
     in_dims = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1, "diffusion_head": 1}
-    graphdef, state = nnx.split(nnx.clone(bf16.model))
+    graphdef, state = nnx.split(nnx.clone(target.model))
     src = dict(nnx.to_flat_state(nnx.split(master.model)[1]))
     for path, var in nnx.to_flat_state(state):
         if path[-1] in in_dims:
-            var.set_value(quant.dequantize(quant.quantize(src[path].get_value(), fmt, in_dims[path[-1]])))
+            f = (head or fmt) if path[-1] == "diffusion_head" else fmt
+            var.set_value(quant.dequantize(quant.quantize(src[path].get_value(), f, in_dims[path[-1]]), dtype))
     return nnx.merge(graphdef, state)
 
 
@@ -105,3 +107,29 @@ def test_embedded_model_logit_error_is_bounded():
         got[fmt] = float(np.abs(logits - base).mean() / base.std())
     assert got["int8"] < 0.02 and got["int4"] < 0.2, got
     assert got["int8"] < got["int4"] / 4  # the check tells the formats apart
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantized_model_runs_every_mode(fmt):
+    """load(quantize=...) stores QWeight matmul weights (int4 keeps an int8 head); its logits are exactly
+    those of the float32 model holding the dequantized weights; every mode runs, and greedy linear_spec
+    equals greedy ar (float32); a mesh or an unknown format is a clear error."""
+    import nemodiff_jax
+    from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
+    from nemodiff_jax.generate import Generator
+
+    q = nemodiff_jax.load(default_model(), dtype="float32", progress=False, quantize=fmt)
+    master = nemodiff_jax.load(default_model(), dtype="float32", progress=False)
+    attn = q.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj.get_value(), quant.QWeight) and attn.qkv_proj.get_value().fmt == fmt
+    assert q.model.diffusion_head.get_value().fmt == "int8"
+    fake = Generator(_dequantized_model(master, master, fmt, head="int8", dtype=jnp.float32), master.tokenizer)
+    tokens = np.asarray([master.tokenizer.encode(p)[:8] for p in DEMO_PROMPTS], np.int32)
+    np.testing.assert_array_equal(q.logits(tokens), fake.logits(tokens))
+    ar = [r.tokens for r in q.generate(DEMO_PROMPTS, mode="ar", max_new_tokens=20)]
+    assert [r.tokens for r in q.generate(DEMO_PROMPTS, mode="linear_spec", max_new_tokens=20)] == ar
+    assert all(len(r.tokens) >= 1 for r in q.generate(DEMO_PROMPTS, mode="diffusion", max_new_tokens=20))
+    with pytest.raises(ValueError, match=r"quantize must be one of \('int8', 'int4'\) or None, got 'fp8'"):
+        nemodiff_jax.load(default_model(), quantize="fp8")
+    with pytest.raises(ValueError, match="do not shard over a mesh yet"):
+        nemodiff_jax.load(default_model(), quantize=fmt, mesh=object())
