@@ -24,16 +24,9 @@ import statistics
 import sys
 import time
 
-PROMPTS = [
-    "ROMEO:\nBut soft, what light through yonder window breaks?",
-    "KING HENRY:\nOnce more unto the breach, dear friends,",
-    "HAMLET:\nTo be, or not to be,",
-    "Of Man's first disobedience, and the fruit",
-    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
-    "MACBETH:\nIs this a dagger which I see before me,",
-    "First Citizen:\nBefore we proceed any further, hear me speak.",
-    "PROSPERO:\nOur revels now are ended.",
-]
+from nemodiff_jax import embedded
+
+PROMPTS = embedded.PROMPTS[:7] + embedded.PROMPTS[-1:]  # the eight this load has always sent
 
 
 def percentile(xs: list[float], q: float) -> float:

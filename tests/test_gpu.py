@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from nemodiff_jax import attention as attn
+from nemodiff_jax import embedded
 from nemodiff_jax.embedded import default_model
 from nemodiff_jax.generate import load
 from nemodiff_jax.pallas_kernels.chunk_attention import BlockSizes, chunk_attention_pallas, chunk_attention_reference
@@ -130,20 +131,7 @@ def test_this_gpu_is_described_and_routed():
 
 # ------------------------------------------------------------------------------------------ end to end
 
-PROMPTS = [
-    "ROMEO:\nBut soft, what light through yonder window breaks?",
-    "KING HENRY:\nOnce more unto the breach, dear friends,",
-    "HAMLET:\nTo be, or not to be,",
-    "Of Man's first disobedience, and the fruit",
-    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
-    "MACBETH:\nIs this a dagger which I see before me,",
-    "First Citizen:\nBefore we proceed any further, hear me speak.",
-    "Now is the winter of our discontent",
-    "PORTIA:\nThe quality of mercy is not strain'd;",
-    "Say first, for Heav'n hides nothing from thy view,",
-    "LEAR:\nBlow, winds, and crack your cheeks!",
-    "PROSPERO:\nOur revels now are ended.",
-]
+PROMPTS = embedded.PROMPTS
 NEW = 96
 PATHS = ("pallas", "cudnn", "xla")
 MODES = ("ar", "diffusion", "linear_spec")
