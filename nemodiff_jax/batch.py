@@ -1,9 +1,9 @@
 """Batch generation jobs: JSONL in -> JSONL out, on the serving engine, resumable, one file per process.
 
 Input lines: {"id": ..., "prompt": str | [int] | "messages": [...], optional "mode", "max_new_tokens",
-"temperature", "seed", "max_thinking_tokens", "chat_template_kwargs"}. Output lines: {"id", "text", "tokens", "stats"}, appended and flushed one result at a
-time, so a killed job loses nothing it finished; on restart, ids already in the output are skipped and a torn
-last line is cut off. Malformed input lines are reported with their line number and the job goes on.
+"temperature", "seed", "max_thinking_tokens", "chat_template_kwargs"}. Output lines: {"id", "text", "tokens",
+"stats"}, appended and flushed one result at a time, so a killed job loses nothing it finished; on restart, ids
+already in the output are skipped and a torn last line is cut off. Malformed input lines are reported with their line number and the job goes on.
 
 The requests run as one continuous job on engine.Engine: one pool of decode slots per program (mode, block
 size, policy), the pools taking turns, every row with its own temperature, budget, seed and stop ids as
@@ -29,6 +29,7 @@ from nemodiff_jax.engine import Engine, Handle
 from nemodiff_jax.engine import Request as EngineRequest
 from nemodiff_jax.generate import MODE_OPTIONS, MODES, Generator
 from nemodiff_jax.slots import RowPlan
+from nemodiff_jax.tokenizer import RESERVED_TEMPLATE_KEYS
 
 REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed", "chat_template_kwargs",
                 "max_thinking_tokens"}
@@ -61,10 +62,6 @@ def template_kwargs(line_no: int, obj: dict) -> dict:
     if "messages" not in obj and kw:
         raise BadRequest(f"line {line_no}: chat_template_kwargs needs 'messages'")
     return kw
-
-
-RESERVED_TEMPLATE_KEYS = {"messages", "conversation", "self", "tools", "documents", "chat_template",
-                          "add_generation_prompt", "continue_final_message", "tokenize"}
 
 
 def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
@@ -182,7 +179,7 @@ def run_batch_job(gen: Generator, job: Job) -> int:
     out_path = shard_output(Path(job.output), shard, num_shards)
     done = done_ids(Path(job.output), out_path)
 
-    pending: list[tuple[Request, RowPlan]] = []
+    pending: list[Request] = []
     seen: set[str] = set()
     modes: set[str] = set()
     errors = 0
@@ -194,7 +191,7 @@ def run_batch_job(gen: Generator, job: Job) -> int:
                 r = parse_request(line_no, raw, gen, job)
                 if r.id in seen:
                     raise BadRequest(f"line {line_no}: duplicate id {r.id!r} (first seen earlier)")
-                plan = request_plan(gen, r, job)
+                request_plan(gen, r, job)  # a line the engine would refuse is reported with its number now
             except BadRequest as e:
                 errors += 1
                 print(f"nemodiff batch: skipped {e}", file=sys.stderr)
@@ -202,7 +199,7 @@ def run_batch_job(gen: Generator, job: Job) -> int:
             seen.add(r.id)
             modes.add(r.mode)
             if r.id not in done:
-                pending.append((r, plan))
+                pending.append(r)
     check_flags_used(job.mode_options, modes)  # every valid line's mode: a finished job reruns as a no-op
     finished: queue.Queue[Handle] = queue.Queue()
     engine = Engine(gen, slots=max(1, min(job.batch_size, len(pending))), max_queue=max(1, len(pending)),
@@ -211,7 +208,7 @@ def run_batch_job(gen: Generator, job: Job) -> int:
     tokens, failed = 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc="batch", unit="req", disable=not job.progress)
-    for r, plan in pending:  # all queued before the engine starts: its first admissions fill every slot
+    for r in pending:  # all queued before the engine starts: its first admissions fill every slot
         engine.submit(EngineRequest(prompt=r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
                                     temperature=r.temperature, top_k=job.top_k, top_p=job.top_p, seed=r.seed,
                                     options=plan_options(r.mode, job), max_thinking_tokens=r.max_thinking_tokens,

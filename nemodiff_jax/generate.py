@@ -18,7 +18,8 @@ from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import diffusion
 from nemodiff_jax.decoding.common import MAX_STOP_IDS, Options, State
 from nemodiff_jax.lora import LoRA, load_lora
-from nemodiff_jax.model import Transformer, abstract_model
+from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
+from nemodiff_jax.quant import FORMATS as QUANT_FORMATS
 from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.slots import MODES, Pool, RowPlan, Runtime, buffer_sizes, host_rows, round_up, row_tokens
 from nemodiff_jax.tokenizer import Tokenizer
@@ -160,10 +161,11 @@ class Generator:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for mode {mode!r}; "
                              f"allowed: {sorted(MODE_OPTIONS[mode]) or 'none'}")
         o = {**MODE_OPTIONS[mode], **mode_options}
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         cfg = self.config
-        block = cfg.block_size if o.get("block_size") is None else o["block_size"]
+        opts = self.make_options(mode, o)
+        block = opts.block
         if mode != "ar" and (not _is_int(block) or not 2 <= block <= 256):
             raise ValueError(f"block_size must be an int in [2, 256], got {block!r}")
         if mode == "diffusion" and o["policy"] not in diffusion.POLICIES:
@@ -186,8 +188,7 @@ class Generator:
             raise ValueError(f"top_k must be an int in [1, vocab_size={cfg.vocab_size}] or None, got {top_k!r}")
         Sampling.make(temperature, top_k, top_p)  # checks the values
         stops = cfg.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
-        bad = [t for t in stops if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
-               or not 0 <= t < cfg.vocab_size]
+        bad = [t for t in stops if not _is_int(t) or not 0 <= t < cfg.vocab_size]
         if bad or len(stops) > MAX_STOP_IDS:
             raise ValueError(f"stop_token_ids must be at most {MAX_STOP_IDS} ints in [0, {cfg.vocab_size}), got "
                              f"{list(stops)[:MAX_STOP_IDS + 1]}")
@@ -198,7 +199,7 @@ class Generator:
                 raise ValueError(f"max_thinking_tokens must be an int in [0, 2**31) or None, got "
                                  f"{max_thinking_tokens!r}")
             think = {"think_budget": int(max_thinking_tokens), "think_end": self.think_end_id()}
-        return RowPlan(**think, opts=self.make_options(mode, o), block=block, max_new=max_new_tokens,
+        return RowPlan(**think, opts=opts, block=block, max_new=max_new_tokens,
                        temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
                        threshold=float(threshold), steps=o.get("steps") or block)
 
@@ -259,9 +260,10 @@ class Generator:
         """Yields the new tokens of one prompt as each step (token / block / round) lands; the last item is
         the full Result. One pool row, advanced a step per on-device segment (one host read per step)."""
         t0 = time.perf_counter()
+        think = kw.pop("max_thinking_tokens", None)
         pool, _ = self._start([prompt], mode, max_new_tokens, kw.pop("temperature", 0.0), kw.pop("top_k", None),
                               kw.pop("top_p", None), kw.pop("seed", 0), kw.pop("stop_token_ids", None),
-                              kw.pop("lora", None), kw, kw.pop("max_thinking_tokens", None))
+                              kw.pop("lora", None), kw, think)
         emitted = 0
         host = host_rows(pool.st)
         while True:
@@ -344,12 +346,6 @@ def _logits_fn(graphdef, params, tokens, causal, attn_impl):
     return logits
 
 
-def quant_formats() -> tuple[str, ...]:
-    from nemodiff_jax.quant import FORMATS
-
-    return FORMATS
-
-
 def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None = None, progress: bool = True,
          mesh=None, attention: str = "auto", quantize: str | None = None) -> Generator:
     """Loads an HF NLD directory (config.json + safetensors) or a nemodiff orbax directory.
@@ -364,8 +360,8 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if quantize is not None and quantize not in quant_formats():
-        raise ValueError(f"quantize must be one of {quant_formats()} or None, got {quantize!r}")
+    if quantize is not None and quantize not in QUANT_FORMATS:
+        raise ValueError(f"quantize must be one of {QUANT_FORMATS} or None, got {quantize!r}")
     if quantize is not None and mesh is not None:
         raise ValueError("quantized weights do not shard over a mesh yet: load them on one device")
     path = Path(path)
@@ -386,8 +382,6 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
         cfg = Config.from_file(path / "config.json")
         model = load_model(path, cfg, DTYPES[dtype], shardings=shardings_for(cfg), progress=progress)
     if quantize is not None:
-        from nemodiff_jax.model import quantize_weights
-
         model = quantize_weights(model, quantize)
     gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh, attention=attention)
     if drafter is not None:

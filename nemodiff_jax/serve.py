@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nemodiff_jax.decoding.diffusion import POLICIES
 from nemodiff_jax.engine import Cancelled, Engine, QueueFull, Request
 from nemodiff_jax.generate import MODE_OPTIONS, MODES, Result
+from nemodiff_jax.tokenizer import RESERVED_TEMPLATE_KEYS, MissingChatTemplateError
 
 log = logging.getLogger("uvicorn.error")  # shown wherever uvicorn's own messages are
 OPTION_NAMES = sorted({k for opts in MODE_OPTIONS.values() for k in opts})
@@ -56,9 +57,6 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "l
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
                                "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs"}
-# template variables the renderer sets itself: chat_template_kwargs may not override them
-RESERVED_TEMPLATE_KEYS = {"messages", "conversation", "self", "tools", "documents", "chat_template",
-                          "add_generation_prompt", "continue_final_message", "tokenize"}
 # OpenAI fields this server does not implement: accepted only at their "off" values.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "logit_bias": (None, {}), "suffix": (None, ""), "presence_penalty": (None, 0),
@@ -385,8 +383,6 @@ class Server:
                            "chat_template_kwargs")
         from jinja2.exceptions import TemplateError
 
-        from nemodiff_jax.tokenizer import MissingChatTemplateError
-
         try:
             # as `nemodiff generate --chat` and vLLM: the generation prompt added, the template's own
             # options (enable_thinking, truncate_history_thinking, ...) from chat_template_kwargs; encoded
@@ -396,7 +392,7 @@ class Server:
             raise APIError(f"{e}; use /v1/completions", "messages") from None
         except TemplateError as e:
             raise APIError(f"the chat template rejected the messages: {e}", "messages") from None
-        except TypeError as e:  # a chat_template_kwargs name the renderer takes itself
+        except TypeError as e:  # a template that cannot use a chat_template_kwargs value
             raise APIError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
 
     def job(self, body: dict, ids: list[int], chat: bool) -> Job:

@@ -198,12 +198,18 @@ class Programs:
         return sum(f._cache_size() for f in (self.admit, self.segment, self.step))
 
 
-_BUILT: list[Programs] = []
+_PROGRAMS: dict[tuple, Programs] = {}  # (graphdef, step_fn, opts) -> its programs
 
 
-@functools.lru_cache(maxsize=None)
 def programs(graphdef, step_fn, opts: Options) -> Programs:
     """The compiled entry points of one (module, mode step, options), built once."""
+    key = (graphdef, step_fn, opts)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _build_programs(graphdef, step_fn, opts)
+    return _PROGRAMS[key]
+
+
+def _build_programs(graphdef, step_fn, opts: Options) -> Programs:
     def admit(params, st, idx, prompt, lens, keys, rows):
         return _admit(nnx.merge(graphdef, params), st, idx, prompt, lens, keys, rows, opts)
 
@@ -213,15 +219,13 @@ def programs(graphdef, step_fn, opts: Options) -> Programs:
     def step(params, st):
         return step_fn(nnx.merge(graphdef, params), st, opts)
 
-    built = Programs(admit=jax.jit(admit, donate_argnums=(1,)), segment=jax.jit(segment, donate_argnums=(1,)),
-                     step=jax.jit(step, donate_argnums=(1,)))
-    _BUILT.append(built)
-    return built
+    return Programs(admit=jax.jit(admit, donate_argnums=(1,)), segment=jax.jit(segment, donate_argnums=(1,)),
+                    step=jax.jit(step, donate_argnums=(1,)))
 
 
 def compiled_programs() -> int:
     """Compiled admit/segment/step variants over every program built so far (tests count compiles)."""
-    return sum(p.compiled() for p in list(_BUILT))
+    return sum(p.compiled() for p in list(_PROGRAMS.values()))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))

@@ -14,6 +14,7 @@ We avoid `transformers` on purpose (heavy, torch-oriented) but render and encode
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -299,6 +300,13 @@ class Tokenizer:
             at = text.rindex(tag.strip())
             text = text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+# Template variable names the renderer sets itself (apply_chat_template's own arguments and `messages`): extra
+# template keywords (chat_template_kwargs in the server and batch lines) may not take them.
+RESERVED_TEMPLATE_KEYS = frozenset({"messages"} | {
+    name for name, p in inspect.signature(Tokenizer.apply_chat_template).parameters.items()
+    if p.kind is not inspect.Parameter.VAR_KEYWORD})
 
 
 class StreamDecoder:

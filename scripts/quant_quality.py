@@ -38,9 +38,8 @@ import nemodiff_jax  # noqa: E402
 from nemodiff_jax import quant  # noqa: E402
 from nemodiff_jax.embedded import default_model  # noqa: E402
 from nemodiff_jax.generate import Generator  # noqa: E402
+from nemodiff_jax.model import QUANTIZABLE  # noqa: E402
 
-# the model's matmul weights and how many leading axes each contracts
-LAYER_WEIGHTS = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1}
 ROWS = [("bf16", None, None), ("int8", "int8", "int8"), ("int4-g128, head int8", "int4", "int8"),
         ("int4-g128, head int4", "int4", "int4")]
 
@@ -55,12 +54,12 @@ def quantized(master, bf16: Generator, layers: str | None, head: str | None):
     errors = []
     for path, var in flat.items():
         name = path[-1]
-        fmt, in_dims = (layers, LAYER_WEIGHTS[name]) if name in LAYER_WEIGHTS else (head, 1) \
-            if name == "diffusion_head" else (None, 0)
-        if fmt is None:
+        if name not in QUANTIZABLE:
             continue
+        fmt = head if name == "diffusion_head" else layers
         w = src[path].get_value()
-        deq = quant.dequantize(quant.quantize(w, fmt, in_dims, name="/".join(map(str, path))), jnp.bfloat16)
+        deq = quant.dequantize(quant.quantize(w, fmt, QUANTIZABLE[name], name="/".join(map(str, path))),
+                               jnp.bfloat16)
         errors.append({"tensor": "/".join(map(str, path)), "format": fmt,
                        "rel_error": float(jnp.linalg.norm(w - deq.astype(jnp.float32)) / jnp.linalg.norm(w))})
         var.set_value(deq)
