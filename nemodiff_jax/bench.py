@@ -37,14 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemodiff_jax import quant
 from nemodiff_jax.attention import IMPLS
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
 from nemodiff_jax.decoding.common import RowSettings, initial_state, run_device
-from nemodiff_jax.model import Transformer, abstract_model
+from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.sharding import cache_sharding, make_mesh, param_shardings
 
 MODES = ("ar", "diffusion", "linear_spec")
+FORMATS = ("bf16", *quant.FORMATS)  # weights as made (bf16) or quantized on the device (model.quantize_weights)
 ATTN_IMPLS = IMPLS  # "auto" | "xla" | "pallas" | "cudnn": nemodiff_jax.attention.chunk_attention's impl
 EMBEDDED = "embedded"  # size name: the embedded model's config.json shape (random weights)
 AUTO = "auto"  # size name: EMBEDDED on a CPU, 8B on an accelerator
@@ -69,6 +71,7 @@ class Settings:
     mode_new_tokens: int | None = None  # diffusion / linear_spec (32-token forwards: costlier)
     embedded: bool = False  # also run the embedded model (real weights) per mode
     attn: list[str] = dataclasses.field(default_factory=lambda: ["auto"])
+    formats: list[str] = dataclasses.field(default_factory=lambda: ["bf16"])  # weights: bf16 | int8 | int4
     mesh: tuple[int, int] | None = None  # (data, model)
     out: str | None = "bench.json"
     md: str | None = None
@@ -88,6 +91,9 @@ class Settings:
         for a in self.attn:
             if a not in ATTN_IMPLS:
                 raise ValueError(f"unknown attention impl {a!r}: choose from {ATTN_IMPLS}")
+        for f in self.formats:
+            if f not in FORMATS:
+                raise ValueError(f"unknown weight format {f!r}: choose from {FORMATS}")
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
         return dataclasses.replace(self, sizes=sizes, **filled)
 
@@ -372,9 +378,9 @@ def size_config(name: str) -> Config:
     return PRESETS[name]
 
 
-def make_model(cfg: Config, mesh=None) -> Transformer:
+def make_model(cfg: Config, mesh=None, fmt: str = "bf16") -> Transformer:
     """Random bf16 weights created on the device tensor by tensor (no host copy), straight into their
-    shardings under a mesh. One jit over the whole 8B init is a very slow XLA compile (seen: > 9 min on an
+    shardings under a mesh; `fmt` int8 | int4 then quantizes the matmul weights on the device. One jit over the whole 8B init is a very slow XLA compile (seen: > 9 min on an
     H200); per-tensor draws compile per shape only."""
     abstract = abstract_model(cfg, jnp.bfloat16)
     graphdef, state = nnx.split(abstract)
@@ -388,7 +394,8 @@ def make_model(cfg: Config, mesh=None) -> Transformer:
             scale = 1.0 if path == ("embed_tokens",) else float(np.prod(shape[:-1])) ** -0.5
             value = _drawer(shape, scale, sharding)(jax.random.key(i))
         var.set_value(value)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return model if fmt == "bf16" else quantize_weights(model, fmt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -417,6 +424,18 @@ def weight_bytes_per_forward(cfg: Config) -> int:
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     per_layer = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f + 2 * d
     return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * d + d)
+
+
+def streamed_bytes(model: Transformer) -> int:
+    """Bytes of weights a forward streams, as the model holds them (quantized or not): every parameter but the
+    untied embedding table (a row gather)."""
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        v = var.get_value()
+        if path == ("embed_tokens",) and model.diffusion_head is not None:
+            continue
+        total += v.nbytes if isinstance(v, quant.QWeight) else v.size * v.dtype.itemsize
+    return total
 
 
 def kv_bytes(cfg: Config, batch: int, slots: int) -> int:
@@ -523,17 +542,24 @@ def bench_size(name: str, settings: Settings, hbm: HbmLimit, mesh=None, save=lam
     s = settings
     cfg = size_config(name)
     impls = {i: resolve_attn(i, cfg, mesh) for i in s.attn}  # a path that cannot run fails here, before any work
+    res = {"size": name, "weight_bytes": weight_bytes_per_forward(cfg), "formats": {}, "forward": [], "e2e": []}
+    for fmt in s.formats:
+        _bench_format(res, name, cfg, fmt, s, hbm, impls, mesh, save)
+    return res
+
+
+def _bench_format(res, name, cfg, fmt, s, hbm, impls, mesh, save):
     t = time.perf_counter()
-    model = make_model(cfg, mesh)
+    model = make_model(cfg, mesh, fmt)
     jax.block_until_ready(nnx.state(model))
-    res = {"size": name, "init_s": time.perf_counter() - t, "weight_bytes": weight_bytes_per_forward(cfg),
-           "forward": [], "e2e": []}
+    weight_bytes = streamed_bytes(model)
+    res["formats"][fmt] = {"init_s": time.perf_counter() - t, "weight_bytes": weight_bytes}
     for ctx, impl in ((c, i) for i in s.attn for c in s.contexts):
-        row = {"context": ctx, "attn": impl}
+        row = {"format": fmt, "context": ctx, "attn": impl}
         for t_chunk, causal, key in ((1, True, "t1"), (32, True, "t32_causal"), (32, False, "t32_bidir")):
             dt = bench_forward(model, cfg, 1, ctx, t_chunk, causal, attn_impl=impls[impl], mesh=mesh)
             row[key + "_ms"] = 1e3 * dt
-        streamed = per_device_bytes(res["weight_bytes"], kv_bytes(cfg, 1, ctx + 64), mesh)
+        streamed = per_device_bytes(weight_bytes, kv_bytes(cfg, 1, ctx + 64), mesh)
         row["floor_ms"] = 1e3 * streamed / hbm.limit
         _roof(row, "t1_", hbm, streamed, row["t1_ms"] / 1e3)
         row["t32_over_t1"] = row["t32_causal_ms"] / row["t1_ms"]
@@ -544,15 +570,14 @@ def bench_size(name: str, settings: Settings, hbm: HbmLimit, mesh=None, save=lam
     for mode, b, impl in ((m, b, i) for i in s.attn for m in s.modes for b in s.batches):
         new = s.new_tokens if mode == "ar" else s.mode_new_tokens
         r = bench_e2e(model, cfg, b, s.prompt_len, new, mode=mode, attn_impl=impls[impl], mesh=mesh)
-        r["batch"], r["attn"] = b, impl
+        r["format"], r["batch"], r["attn"] = fmt, b, impl
         if mode == "ar":
-            floor = per_device_bytes(res["weight_bytes"], kv_bytes(cfg, b, s.prompt_len + new + 64), mesh)
+            floor = per_device_bytes(weight_bytes, kv_bytes(cfg, b, s.prompt_len + new + 64), mesh)
             _roof(r, "", hbm, floor, r["ms_per_forward"] / 1e3)
         res["e2e"].append(r)
         save(res)
         print(json.dumps({name: r}), flush=True)
     del model
-    return res
 
 
 def bench_embedded() -> list[dict]:
@@ -594,20 +619,21 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | not counted: {why[:120]} |")
     lines += ["", "% roofline: of the measured limit / of the datasheet.", ""]
     for s in report["sizes"]:
-        lines += [f"**{s['size']}** (random bf16 weights, {s['weight_bytes'] / 1e9:.2f} GB streamed per forward)"]
+        streamed = ", ".join(f"{f} {v['weight_bytes'] / 1e9:.2f} GB" for f, v in s.get("formats", {}).items())
+        lines += [f"**{s['size']}** (random weights; streamed per forward: {streamed})"]
         if s["forward"]:
-            lines += ["", "| attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | "
-                      "T=32 bidir ms | linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", "| weights | attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | "
+                      "T=32 bidir ms | linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["forward"]:
-            lines.append(f"| {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | "
+            lines.append(f"| {r.get('format', 'bf16')} | {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | "
                          f"{_pct2(r['t1_roofline_pct'], r['t1_roofline_pct_datasheet'])} | "
                          f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "
                          f"{r['linear_spec_round_in_ar_forwards']:.2f} |")
-        lines += ["", "| mode | attn | batch | tok/s | ms/forward | forwards | tokens/forward | % roofline | compile s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| weights | mode | attn | batch | tok/s | ms/forward | forwards | tokens/forward | % roofline | "
+                  "compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["e2e"]:
             roof = _pct2(r["roofline_pct"], r["roofline_pct_datasheet"]) if "roofline_pct" in r else ""
-            lines.append(f"| {r['mode']} | {r['attn']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+            lines.append(f"| {r.get('format', 'bf16')} | {r['mode']} | {r['attn']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
                          f"{r['ms_per_forward']:.2f} | {r['forwards']} | {r['tokens_per_forward']:.2f} | {roof} | "
                          f"{r['compile_s']:.1f} |")
         lines.append("")

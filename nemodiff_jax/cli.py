@@ -159,7 +159,8 @@ def cmd_bench(args) -> int:
     bench.run(bench.Settings(
         sizes=args.sizes, contexts=args.contexts, batches=args.batches, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, modes=args.modes, mode_new_tokens=args.mode_new_tokens, embedded=args.embedded,
-        attn=args.attn, mesh=tuple(args.mesh) if args.mesh else None, out=args.out, md=args.md))
+        attn=args.attn, formats=args.formats, mesh=tuple(args.mesh) if args.mesh else None, out=args.out,
+        md=args.md))
     return 0
 
 
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--embedded", action="store_true", help="also run the embedded model (real weights) per mode")
     bn.add_argument("--attn", nargs="+", default=["auto"], choices=["auto", "xla", "pallas", "cudnn"],
                     help="attention implementations to time (nemodiff_jax.attention.chunk_attention impl)")
+    bn.add_argument("--formats", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"],
+                    help="weight formats to time: bf16 as drawn, or quantized on the device (int4 keeps an int8 head)")
     bn.add_argument("--mesh", nargs=2, type=int, metavar=("DATA", "MODEL"), default=None,
                     help="run on a (data, model) mesh, e.g. --mesh 1 2 for tensor parallel over 2 GPUs")
     bn.add_argument("--out", default="bench.json", help="JSON report, rewritten after every measurement")

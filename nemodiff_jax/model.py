@@ -12,6 +12,8 @@ down [F,D], embed [V,D], head [D,V]. Each Param carries `logical_axes` for shard
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,23 +29,33 @@ QUANTIZABLE = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1, "d
 HEAD_FORMAT = "int8"  # for both formats: an int4 head costs 1.6 more perplexity (docs/QUANTIZATION.md)
 
 
-def _matrix(p: nnx.Param, dtype) -> jax.Array:
-    """A matmul weight: the array, or a quantized weight dequantized in the weight's dtype (the reference
-    path of quant.py)."""
-    v = p.get_value()
-    return quant.dequantize(v, dtype) if isinstance(v, quant.QWeight) else v
+def _dense(subscripts: str, x: jax.Array, p: nnx.Param, impl: str, out_dtype=None) -> jax.Array:
+    """x times a matmul weight: the einsum for a 16-bit weight, quant.matmul (its kernel or the reference,
+    as quant's table picks for `impl`) for a quantized one."""
+    w = p.get_value()
+    if isinstance(w, quant.QWeight):
+        return quant.matmul(x, w, out_dtype=out_dtype, impl=impl)
+    return jnp.einsum(subscripts, x, w, preferred_element_type=out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer(fmt: str, in_dims: int):
+    return jax.jit(functools.partial(quant.quantize, fmt=fmt, in_dims=in_dims))
 
 
 def quantize_weights(model: Transformer, fmt: str) -> Transformer:
-    """Replaces the matmul weights (QUANTIZABLE) by quant.QWeight in `fmt` ("int8" | "int4"), in place; the
-    embedding table and the norms stay as they are. Returns the model."""
+    """Replaces the matmul weights (QUANTIZABLE) by quant.QWeight in `fmt` ("int8" | "int4"), in place and on
+    their device (one compile per shape); the embedding table and the norms stay as they are. Returns the
+    model."""
     if fmt not in quant.FORMATS:
         raise ValueError(f"quantize must be one of {quant.FORMATS}, got {fmt!r}")
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = path[-1]
         if name in QUANTIZABLE and not isinstance(var.get_value(), quant.QWeight):
             f = HEAD_FORMAT if name == "diffusion_head" else fmt
-            var.set_value(quant.quantize(var.get_value(), f, QUANTIZABLE[name], name="/".join(map(str, path))))
+            w = var.get_value()
+            quant.check_quantizable(w.shape, f, QUANTIZABLE[name], name="/".join(map(str, path)))
+            var.set_value(_quantizer(f, QUANTIZABLE[name])(w))
     return model
 
 
@@ -75,8 +87,8 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
 
     def __call__(self, x, cos, sin, qscale, cache: KVCache | None, layer: int, *, causal: bool, mask=None,
-                 lora=None, attn_impl: str = "auto"):
-        qkv = jnp.einsum("btd,dkch->btkch", x, _matrix(self.qkv_proj, x.dtype))
+                 lora=None, attn_impl: str = "auto", matmul_impl: str = "auto"):
+        qkv = _dense("btd,dkch->btkch", x, self.qkv_proj, matmul_impl)
         g = self.group
         b, t, kh = qkv.shape[:3]
         q = qkv[:, :, :, :g].reshape(b, t, kh * g, -1)  # query head n = kv head * G + g (HF repeat_kv order)
@@ -96,7 +108,7 @@ class Attention(nnx.Module):
             v_buf = write_chunk(cache.v[layer], v, cache.lengths)
             cache = cache.with_layer(layer, k_buf, v_buf)
             out = chunk_attention(q, k_buf, v_buf, cache.lengths, causal=causal, impl=attn_impl)
-        y = jnp.einsum("btnh,nhd->btd", out, _matrix(self.o_proj, out.dtype))
+        y = _dense("btnh,nhd->btd", out, self.o_proj, matmul_impl)
         if lora is not None:  # drafter LoRA on o_proj: y += scale * (out A) B
             a, b = lora.a[layer], lora.b[layer]
             y = y + (jnp.einsum("btnh,nhr,rd->btd", out, a.astype(out.dtype), b.astype(out.dtype))
@@ -110,10 +122,10 @@ class MLP(nnx.Module):
         self.gate_up_proj = _param(rngs, (d, 2, f), ("embed", None, "mlp"), dtype)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
 
-    def __call__(self, x):
-        gate_up = jnp.einsum("btd,dcf->btcf", x, _matrix(self.gate_up_proj, x.dtype))
+    def __call__(self, x, matmul_impl: str = "auto"):
+        gate_up = _dense("btd,dcf->btcf", x, self.gate_up_proj, matmul_impl)
         gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, _matrix(self.down_proj, x.dtype))
+        return _dense("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj, matmul_impl)
 
 
 class Block(nnx.Module):
@@ -123,13 +135,14 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, rngs, dtype)
 
-    def __call__(self, x, cos, sin, qscale, cache, layer, *, causal, mask=None, lora=None, attn_impl="auto"):
+    def __call__(self, x, cos, sin, qscale, cache, layer, *, causal, mask=None, lora=None, attn_impl="auto",
+                 matmul_impl="auto"):
         with jax.named_scope("attn"):
             h, cache = self.self_attn(self.input_layernorm(x), cos, sin, qscale, cache, layer, causal=causal,
-                                      mask=mask, lora=lora, attn_impl=attn_impl)
+                                      mask=mask, lora=lora, attn_impl=attn_impl, matmul_impl=matmul_impl)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.mlp(self.post_attention_layernorm(x), matmul_impl)
         return x, cache
 
 
@@ -137,6 +150,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.bfloat16):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
+        # The path of quantized matmuls (quant.py's table): "auto", or "xla" (the reference) under a mesh, where
+        # the SPMD partitioner splits it (the kernel is one device's program). Static: part of the graphdef.
+        self.matmul_impl = "auto"
         # The untied embedding table is replicated, not split over vocab: a lookup then reads B*T local rows.
         # Split over vocab, XLA's GPU partitioner all-gathered the whole table every forward (measured at
         # 14B TP=2 on H200: 2.4 ms of an 8 ms step). A tied table must stay split, since it is the head too.
@@ -160,13 +176,14 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer{i}"):
                 x, cache = layer(x, cos, sin, qscale, cache, i, causal=causal, mask=mask, lora=lora,
-                                 attn_impl=attn_impl)
+                                 attn_impl=attn_impl, matmul_impl=self.matmul_impl)
         return self.norm(x), cache
 
     def head(self, h: jax.Array) -> jax.Array:
         """logits float32 [B,T,V]; falls back to the tied embedding only when the checkpoint has no head."""
-        w = self.embed_tokens[...].T if self.diffusion_head is None else _matrix(self.diffusion_head, h.dtype)
-        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        if self.diffusion_head is None:
+            return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        return _dense("btd,dv->btv", h, self.diffusion_head, self.matmul_impl, jnp.float32)
 
     def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto"):
         h, cache = self.hidden(tokens, positions, cache, causal=causal, mask=mask, lora=lora, attn_impl=attn_impl)

@@ -1,86 +1,124 @@
-"""Weight-only quantization formats and their pure-jnp reference (issue 14, first part).
+"""Weight-only quantization: the formats, the reference matmul, and which matmul path runs.
 
-Two symmetric round-to-nearest formats for the decode matmuls (qkv, o, gate_up, down; the head optionally).
+Two symmetric round-to-nearest formats for the decode matmuls (qkv, o, gate_up, down; the head in int8).
 The embedding table, the norms and the LoRA drafter stay 16-bit.
 
-- `int8`: one scale per output channel. `q` is int8 [K, N] in [-127, 127], and `scale` is bf16 [N].
-- `int4`: one scale per group of `group` inputs (default 128) per output channel. `q` packs two values per byte
-  along K, uint8 [K/2, N]: the low nibble holds input row 2i, the high nibble row 2i+1, each as a two's
-  complement 4-bit value in [-7, 7]. `scale` is bf16 [K/group, N].
+A weight of logical shape [*in, *out] (its leading `in_dims` axes contracted, as the model's einsums use it;
+K = prod(in), N = prod(out)) is stored out-major, like torch's Linear [out, in], so that a kernel tile of output
+channels reads whole rows of K:
+- `int8`: `q` int8 [*out, K] in [-127, 127], one scale per output channel, `scale` bf16 [*out].
+- `int4`: `q` jnp.int4 [*out, K] in [-7, 7] (XLA packs two per byte on the GPU), one scale per group of
+  `group` consecutive inputs (default 128) per output channel, `scale` bf16 [K/group, *out].
+  On disk (safetensors has no 4-bit type) `q` is uint8 [*out, K/2]: input 2i in the low nibble, 2i+1 in the
+  high one, which is exactly the bytes of the in-memory int4 array (`pack_int4` / `unpack_int4`).
+Scales are rounded to bf16 before quantizing, so dequantizing gives exactly the values the quantizer rounded to.
 
-K is the product of the weight's leading `in_dims` axes (the contraction, as the model's einsums use them) and N
-the product of the rest. Scales are rounded to bf16 before quantizing, so `dequantize` gives exactly the values
-the quantizer rounded to: w ~= q * scale. `qeinsum` is the reference matmul, dequantize then einsum. The Pallas
-kernels will compute the same thing without materializing the 16-bit weight.
+The matmul (`matmul`, the reference `matmul_reference`), with f32 accumulation:
+- int8: (x @ q^T) * scale, the scale applied once per output channel after the sum;
+- int4: x @ bf16(q * scale)^T, each group's values scaled (and rounded to bf16, x's dtype) before the sum.
+The Pallas kernel (pallas_kernels/qmatmul.py) computes the same thing without materializing a 16-bit weight.
+
+Which path runs (`why_not`, `choose_impl`): "pallas" on CUDA compute capability 9.x (wgmma + TMA) for
+bf16 activations, M = rows x chunk <= 256, N and K multiples of 128 and int4 groups of 128: the decode shapes;
+"xla" (the reference) everywhere else, including long prefills, where converting the weight once is cheap
+next to the matmul itself. Under a mesh the model takes "xla", which the SPMD partitioner splits like the bf16
+weights (sharding.py: the scales lie beside their channels).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import string
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 FORMATS = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 DEFAULT_GROUP = 128
+IMPLS = ("auto", "xla", "pallas")
+STORAGE = {"int8": jnp.int8, "int4": jnp.int4}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QWeight:
-    q: jax.Array  # int8 [K, N] (int8) or uint8 [K/2, N] (int4, two per byte along K)
-    scale: jax.Array  # bf16 [N] (int8) or [K/group, N] (int4)
+    q: jax.Array  # int8 | int4 [*out, K]
+    scale: jax.Array  # bf16 [*out] (int8) or [K/group, *out] (int4)
     fmt: str = dataclasses.field(metadata=dict(static=True))
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # the weight's own shape
-    in_dims: int = dataclasses.field(metadata=dict(static=True))  # leading axes contracted
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # the weight's logical [*in, *out]
+    in_dims: int = dataclasses.field(metadata=dict(static=True))  # leading axes of `shape` contracted
     group: int = dataclasses.field(default=0, metadata=dict(static=True))  # int4 group size (0: per channel)
 
     @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.shape[:self.in_dims]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape[self.in_dims:]
+
+    @property
     def kn(self) -> tuple[int, int]:
-        return math.prod(self.shape[:self.in_dims]), math.prod(self.shape[self.in_dims:])
+        return math.prod(self.in_shape), math.prod(self.out_shape)
 
     @property
     def nbytes(self) -> int:
-        return self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
+        """Bytes as the GPU holds them (int4 packed two per byte)."""
+        bits = 4 if self.fmt == "int4" else 8
+        return self.q.size * bits // 8 + self.scale.size * self.scale.dtype.itemsize
+
+
+def storage_shapes(fmt: str, shape: tuple[int, ...], in_dims: int, group: int = DEFAULT_GROUP) -> dict:
+    """The shapes of q and scale for a weight of logical `shape` (what a checkpoint must hold)."""
+    k, out = math.prod(shape[:in_dims]), tuple(shape[in_dims:])
+    if fmt == "int8":
+        return {"q": out + (k,), "scale": out}
+    return {"q": out + (k,), "scale": (k // group,) + out}
 
 
 def pack_int4(v: jax.Array) -> jax.Array:
-    """int8 values in [-8, 7], [K, N] with K even -> uint8 [K/2, N]: row 2i in the low nibble, 2i+1 high."""
-    u = v.astype(jnp.uint8) & 0xF
-    return u[0::2] | (u[1::2] << 4)
+    """int4 (or int8 values in [-8, 7]) [..., K], K even -> uint8 [..., K/2]: input 2i low nibble, 2i+1 high."""
+    u = v.astype(jnp.int8).astype(jnp.uint8) & 0xF
+    return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
 def unpack_int4(p: jax.Array) -> jax.Array:
-    """uint8 [K/2, N] -> int8 [K, N] (sign-extended nibbles), the inverse of pack_int4."""
-    lo = (p & 0xF).astype(jnp.int8)
-    hi = (p >> 4).astype(jnp.int8)
-    lo, hi = jnp.where(lo > 7, lo - 16, lo), jnp.where(hi > 7, hi - 16, hi)
-    return jnp.stack([lo, hi], axis=1).reshape(2 * p.shape[0], p.shape[1])
+    """uint8 [..., K/2] -> jnp.int4 [..., K], the inverse of pack_int4 (a bitcast: the same bytes)."""
+    return lax.bitcast_convert_type(p, jnp.int4).reshape(*p.shape[:-1], 2 * p.shape[-1])
+
+
+def check_quantizable(shape: tuple[int, ...], fmt: str, in_dims: int, group: int = DEFAULT_GROUP,
+                      name: str = "weight"):
+    """A ValueError naming the tensor when `shape` cannot be stored in `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; choose from {FORMATS}")
+    if not 1 <= in_dims < len(shape):
+        raise ValueError(f"{name}: in_dims must be in [1, {len(shape)}) for shape {tuple(shape)}, got {in_dims}")
+    k = math.prod(shape[:in_dims])
+    if fmt == "int4" and (group < 2 or group % 2 or k % group):
+        raise ValueError(f"{name}: int4 group size {group} must be even and divide the {k} inputs "
+                         f"(shape {tuple(shape)}, in_dims {in_dims})")
 
 
 def quantize(w: jax.Array, fmt: str, in_dims: int = 1, group: int = DEFAULT_GROUP, name: str = "weight") -> QWeight:
     """Symmetric round-to-nearest quantization of `w` (its leading `in_dims` axes are the contraction)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; choose from {FORMATS}")
-    if not 1 <= in_dims < w.ndim:
-        raise ValueError(f"{name}: in_dims must be in [1, {w.ndim}) for shape {tuple(w.shape)}, got {in_dims}")
-    k, n = math.prod(w.shape[:in_dims]), math.prod(w.shape[in_dims:])
-    w2 = w.reshape(k, n).astype(jnp.float32)
+    shape = tuple(w.shape)
+    check_quantizable(shape, fmt, in_dims, group, name)
+    k, n = math.prod(shape[:in_dims]), math.prod(shape[in_dims:])
+    out = shape[in_dims:]
+    wt = w.reshape(k, n).T.astype(jnp.float32)  # [N, K]
     qmax = QMAX[fmt]
     if fmt == "int8":
-        amax = jnp.max(jnp.abs(w2), axis=0)  # [N]
-        scale = _scale(amax, qmax)
-        q = jnp.clip(jnp.round(w2 / _safe(scale).astype(jnp.float32)), -qmax, qmax).astype(jnp.int8)
-        return QWeight(q, scale, fmt, tuple(w.shape), in_dims)
-    if group < 2 or group % 2 or k % group:
-        raise ValueError(f"{name}: int4 group size {group} must be even and divide the {k} inputs "
-                         f"(shape {tuple(w.shape)}, in_dims {in_dims})")
-    g = w2.reshape(k // group, group, n)
-    scale = _scale(jnp.max(jnp.abs(g), axis=1), qmax)  # [K/group, N]
-    q = jnp.clip(jnp.round(g / _safe(scale).astype(jnp.float32)[:, None]), -qmax, qmax).astype(jnp.int8)
-    return QWeight(pack_int4(q.reshape(k, n)), scale, fmt, tuple(w.shape), in_dims, group)
+        scale = _scale(jnp.max(jnp.abs(wt), axis=1), qmax)  # [N]
+        q = jnp.clip(jnp.round(wt / _safe(scale).astype(jnp.float32)[:, None]), -qmax, qmax).astype(jnp.int8)
+        return QWeight(q.reshape(*out, k), scale.reshape(out), fmt, shape, in_dims)
+    g = wt.reshape(n, k // group, group)
+    scale = _scale(jnp.max(jnp.abs(g), axis=2), qmax)  # [N, K/group]
+    q = jnp.clip(jnp.round(g / _safe(scale).astype(jnp.float32)[..., None]), -qmax, qmax).astype(jnp.int4)
+    return QWeight(q.reshape(*out, k), scale.T.reshape(k // group, *out), fmt, shape, in_dims, group)
 
 
 def _scale(amax: jax.Array, qmax: int) -> jax.Array:
@@ -93,19 +131,104 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 
 def values(qw: QWeight) -> jax.Array:
-    """The integer values, int8 [K, N]."""
-    return unpack_int4(qw.q) if qw.fmt == "int4" else qw.q
+    """The integer values as int8 [*out, K]."""
+    return qw.q.astype(jnp.int8)
+
+
+def scaled_values(qw: QWeight, dtype) -> jax.Array:
+    """int4: bf16(q * scale) cast to `dtype`, [*out, K], what the int4 matmul multiplies by (q * scale exact in
+    float32, rounded once). int8: the values q themselves in `dtype` (the scale comes after the sum)."""
+    if qw.fmt == "int8":
+        return qw.q.astype(dtype)
+    k = qw.q.shape[-1]
+    v = qw.q.astype(jnp.float32).reshape(*qw.q.shape[:-1], k // qw.group, qw.group)
+    s = jnp.moveaxis(qw.scale.astype(jnp.float32), 0, -1)[..., None]  # [*out, K/group, 1]
+    return (v * s).astype(jnp.bfloat16).astype(dtype).reshape(qw.q.shape)
 
 
 def dequantize(qw: QWeight, dtype=jnp.bfloat16) -> jax.Array:
-    """q * scale in float32, cast to `dtype`, in the weight's own shape."""
+    """The weight in its logical shape [*in, *out]: q * scale in float32, cast to `dtype`."""
     k, n = qw.kn
-    v = values(qw).astype(jnp.float32)
-    s = qw.scale.astype(jnp.float32)
-    w = v * s[None] if qw.fmt == "int8" else (v.reshape(k // qw.group, qw.group, n) * s[:, None]).reshape(k, n)
-    return w.astype(dtype).reshape(qw.shape)
+    w = scaled_values(qw, jnp.float32)
+    if qw.fmt == "int8":
+        w = w * qw.scale.astype(jnp.float32)[..., None]
+    return w.reshape(n, k).T.reshape(qw.shape).astype(dtype)
 
 
-def qeinsum(subscripts: str, x: jax.Array, qw: QWeight, **kw) -> jax.Array:
-    """The reference matmul: einsum(x, dequantize(w)) in x's dtype."""
-    return jnp.einsum(subscripts, x, dequantize(qw, x.dtype), **kw)
+def _check_x(x: jax.Array, qw: QWeight):
+    if x.ndim < qw.in_dims or tuple(x.shape[x.ndim - qw.in_dims:]) != qw.in_shape:
+        raise ValueError(f"matmul: x {tuple(x.shape)} must end in the weight's input dims {qw.in_shape}")
+
+
+def matmul_reference(x: jax.Array, qw: QWeight, out_dtype=None) -> jax.Array:
+    """x [..., *in] @ the quantized weight -> [..., *out] in `out_dtype` (default x's), f32 accumulation
+    (module doc). Keeps the weight's out dims, so the SPMD partitioner splits it like the bf16 einsum."""
+    _check_x(x, qw)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    k = qw.kn[0]
+    lead = x.shape[:x.ndim - qw.in_dims]
+    xf = x.reshape(*lead, k)
+    letters = string.ascii_letters
+    b, o = letters[:len(lead)], letters[len(lead):len(lead) + len(qw.out_shape)]
+    y = jnp.einsum(f"{b}z,{o}z->{b}{o}", xf, scaled_values(qw, x.dtype), preferred_element_type=jnp.float32)
+    if qw.fmt == "int8":
+        y = y * qw.scale.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------ which path runs
+
+MAX_M = 256  # rows x chunk the kernel takes: decode shapes (AR at batch <= 256, 32-token chunks at batch <= 8)
+TILE = 128  # N and K must be multiples of this (two warpgroups of 64 output channels; 128-input steps)
+
+
+def why_not(path: str, device, x_dtype, m: int, qw: QWeight) -> str | None:
+    """Why `path` cannot run this matmul (M rows of x against qw) on `device` (attention.DeviceInfo), or None."""
+    if path == "xla":
+        return None
+    if path != "pallas":
+        raise ValueError(f"unknown matmul impl {path!r}; choose from {IMPLS}")
+    cc = device.compute_capability
+    k, n = qw.kn
+    if device.platform != "cuda" or cc is None or cc[0] != 9:
+        return "the Mosaic GPU kernel uses Hopper instructions (wgmma, TMA): CUDA compute capability 9.x only"
+    if jnp.dtype(x_dtype) != jnp.dtype(jnp.bfloat16):
+        return f"the kernel takes bfloat16 activations, got {jnp.dtype(x_dtype).name}"
+    if not 1 <= m <= MAX_M:
+        return f"the kernel takes 1..{MAX_M} rows, got {m} (a long prefill: the reference converts once)"
+    if n % TILE or k % TILE:
+        return f"the kernel takes N and K multiples of {TILE}, got N={n}, K={k}"
+    if qw.fmt == "int4" and qw.group != TILE:
+        return f"the int4 kernel takes groups of {TILE}, got {qw.group}"
+    return None
+
+
+def choose_impl(device, x_dtype, m: int, qw: QWeight) -> str:
+    return "pallas" if why_not("pallas", device, x_dtype, m, qw) is None else "xla"
+
+
+def matmul(x: jax.Array, qw: QWeight, out_dtype=None, impl: str = "auto", device=None) -> jax.Array:
+    """x [..., *in] @ qw -> [..., *out] in `out_dtype` (default x's dtype), on the path the table picks for
+    `device` (default the first jax device), or a forced "xla" | "pallas" (a ValueError where it cannot run)."""
+    from nemodiff_jax.attention import DeviceInfo
+
+    _check_x(x, qw)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    k, n = qw.kn
+    lead = x.shape[:x.ndim - qw.in_dims]
+    m = math.prod(lead)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown matmul impl {impl!r}; choose from {IMPLS}")
+    if impl != "xla":
+        device = DeviceInfo.of() if device is None else device
+        if impl == "auto":
+            impl = choose_impl(device, x.dtype, m, qw)
+        elif (reason := why_not(impl, device, x.dtype, m, qw)) is not None:
+            raise ValueError(f"matmul impl {impl!r} cannot run on {device}: {reason}")
+    if impl == "xla":
+        return matmul_reference(x, qw, out_dtype)
+    from nemodiff_jax.pallas_kernels.qmatmul import qmatmul_pallas  # Mosaic GPU only when used
+
+    scale = qw.scale.reshape(n) if qw.fmt == "int8" else qw.scale.reshape(k // qw.group, n)
+    y = qmatmul_pallas(x.reshape(m, k), qw.q.reshape(n, k), scale, out_dtype=out_dtype)
+    return y.reshape(*lead, *qw.out_shape)

@@ -1,0 +1,294 @@
+"""Weight-only int8 / int4 matmul for Hopper (Pallas Mosaic GPU): the decode shapes, M = 1..256 rows.
+
+Semantics (nemodiff_jax/quant.py, `qmatmul_reference` here): x [M, K] bf16 against q [N, K] (int8 with a
+per-channel scale [N], or int4 with group-128 scales [K/128, N]) -> [M, N], f32 accumulation:
+    int8: (x @ q^T) * scale          int4: x @ bf16(q * scale)^T
+
+Kernel design
+- Swap AB: the weight is wgmma's A operand and x^T its B, so the output channels fill wgmma's M (64 per
+  compute warpgroup, 2 warpgroups = 128 channels per tile) and the few rows of x its N (8..128, a multiple of 8;
+  M > 128 takes several M tiles). One weight tile [128, 128] per step goes GMEM -> SMEM by TMA, then each
+  warpgroup loads its 64 rows into registers in the upcast layout, converts them to bf16 (Mosaic GPU's
+  prmt/lop3 sequences, not per-element cvt), multiplies int4 tiles by their group's scales (one bf16 per
+  row: a 128-input step is one group), and issues wgmma with A from registers and B = the x tile in SMEM
+  transposed. The int8 scale is applied once per channel after the sum (the epilogue), as quant.py defines.
+- Stream-K over (N tile, K step): the n_tiles x k_iters steps are split evenly over `ctas` CTAs (one per SM),
+  each taking a contiguous range, so every SM streams the same number of weight bytes whatever N and K are
+  (no wave quantization at one row, where 8B's o_proj has only 32 tiles for 132 SMs). A CTA flushes an f32
+  partial [128, bm] whenever its range leaves a tile; a tile's partials go to slots 0.. (the CTAs that
+  touch it, in order), and the epilogue (plain jnp, fused by XLA) sums the written slots.
+- Warp specialisation: one memory warpgroup runs a ring of `stages` SMEM slots (weight tile, x tile and, for
+  int4, the tile's scale row; one barrier per slot), the compute warpgroups release a slot after their wgmma
+  has read it.
+
+Interpret mode (`interpret=True`) runs the same body under JAX's GPU interpreter on CPU. As in
+chunk_attention.py, its wgmma takes SMEM operands only, so there the dequantized tile goes through SMEM
+(`a_from_smem=True`, also selectable on the GPU); layouts and SMEM transforms are no-ops there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+ROWS_PER_WG = 64  # wgmma M: output channels per compute warpgroup
+COMPUTE_WGS = 2
+BLOCK_N = ROWS_PER_WG * COMPUTE_WGS  # output channels per tile
+BLOCK_K = 128  # inputs per step (= the int4 group)
+MAX_BLOCK_M = 128  # rows of x per M tile (wgmma N)
+SMEM_BUDGET = 200 * 1024
+DEFAULT_NUM_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class QMatmulConfig:
+    """Static tuning (jit-static: frozen and hashable)."""
+    max_stages: int = 8  # SMEM ring depth (fewer where the budget asks)
+    num_ctas: int | None = None  # CTAs of the stream-K split (all M tiles together); None: the device's SMs
+    a_from_smem: bool = False  # dequantized tile via SMEM (forced under interpret; see module doc)
+
+    def __post_init__(self):
+        if self.max_stages < 2:
+            raise ValueError(f"{self.max_stages=} must be >= 2")
+        if self.num_ctas is not None and self.num_ctas < 1:
+            raise ValueError(f"{self.num_ctas=} must be >= 1 (or None: one per SM)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    block_m: int  # rows of x per M tile (a multiple of 8)
+    m_tiles: int
+    n_tiles: int
+    k_iters: int
+    ctas: int  # per M tile
+    slots: int  # partials per N tile (the most CTAs any tile is split over)
+    stages: int
+
+
+def cta_of(i: int, total: int, ctas: int) -> int:
+    """The CTA whose range [c*total//ctas, (c+1)*total//ctas) holds step i (also traced, with lax ints)."""
+    return ((i + 1) * ctas - 1) // total
+
+
+def written(plan: Plan) -> np.ndarray:
+    """bool [slots, n_tiles]: which partial slots of each N tile some CTA writes."""
+    total = plan.n_tiles * plan.k_iters
+    out = np.zeros((plan.slots, plan.n_tiles), bool)
+    for t in range(plan.n_tiles):
+        first = cta_of(t * plan.k_iters, total, plan.ctas)
+        last = cta_of((t + 1) * plan.k_iters - 1, total, plan.ctas)
+        out[:last - first + 1, t] = True
+    return out
+
+
+def stage_bytes(fmt: str, block_m: int) -> int:
+    w = BLOCK_N * BLOCK_K * (1 if fmt == "int8" else 2) // (1 if fmt == "int8" else 4)
+    return w + block_m * BLOCK_K * 2 + (BLOCK_N * 2 if fmt == "int4" else 0)
+
+
+def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: int) -> Plan:
+    block_m = min(-(-m // 8) * 8, MAX_BLOCK_M)
+    m_tiles = -(-m // block_m)
+    n_tiles, k_iters = n // BLOCK_N, k // BLOCK_K
+    total = n_tiles * k_iters
+    ctas = max(1, min((config.num_ctas or num_sms) // m_tiles, total))
+    slots = max(cta_of((t + 1) * k_iters - 1, total, ctas) - cta_of(t * k_iters, total, ctas) + 1
+                for t in range(n_tiles))
+    fixed = COMPUTE_WGS * ROWS_PER_WG * block_m * 4 + COMPUTE_WGS * ROWS_PER_WG * BLOCK_K * 2
+    stages = min(config.max_stages, (SMEM_BUDGET - fixed) // stage_bytes(fmt, block_m))
+    if stages < 2:
+        raise ValueError(f"block_m {block_m} leaves room for {stages} pipeline stages in {SMEM_BUDGET} B of SMEM")
+    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages)
+
+
+def _transforms(minor: int, dtype) -> tuple:
+    """Tiling + swizzle for an SMEM tile whose rows hold `minor` elements (wgmma operand / TMA)."""
+    bits = jnp.dtype(dtype).itemsize * 8 if jnp.dtype(dtype) != jnp.dtype(jnp.int4) else 4
+    swizzle = plgpu.find_swizzle(minor * bits)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, loaded, consumed, *,
+            int4: bool, plan: Plan, a_from_smem: bool):
+    """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (2 compute + 1 memory).
+
+    x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4; s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
+    smem: x [C, bm, 128], w [C, 128, 128], s [C, 128] (int4), o [2, 64, bm] f32, a [2, 64, 128] (a_from_smem)
+    barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (2 arrivals)
+    """
+    bm, stages, k_iters = plan.block_m, plan.stages, plan.k_iters
+    total = plan.n_tiles * k_iters
+    c = lax.axis_index("cta")
+    cols = pl.ds(lax.axis_index("m") * bm, bm)
+    start = lax.div(c * total, plan.ctas)
+    end = lax.div((c + 1) * total, plan.ctas)
+    steps = end - start
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(wg * ROWS_PER_WG, ROWS_PER_WG)
+
+        def segment(t, carry):  # the CTA's steps within N tile t, then the flush of its partial
+            lo = jnp.maximum(start, t * k_iters)
+            hi = jnp.minimum(end, (t + 1) * k_iters)
+
+            def accumulate(acc_ref):
+                def step(i, carry):
+                    slot = lax.rem(i - start, stages)
+                    plgpu.barrier_wait(loaded.at[slot])
+                    upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
+                    w = plgpu.load(w_smem.at[slot, rows], layout=upcast)
+                    w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+                    if int4:
+                        s = plgpu.load(s_smem.at[slot, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                        w = w * lax.broadcast_in_dim(s, w.shape, [0])
+                    if a_from_smem:
+                        a_smem.at[wg][...] = w
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, a_smem.at[wg], x_smem.at[slot].T)
+                    else:
+                        plgpu.wgmma(acc_ref, w, x_smem.at[slot].T)
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return carry
+
+                lax.fori_loop(lo, hi, step, 0)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS_PER_WG, bm), jnp.float32))
+            slot = c - cta_of(t * k_iters, total, plan.ctas)
+            o_wg = o_smem.at[wg]
+            o_wg[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_wg, o_ref.at[slot, pl.ds(t * BLOCK_N + wg * ROWS_PER_WG, ROWS_PER_WG), cols])
+            plgpu.wait_smem_to_gmem(0)  # o_wg is written again by the next segment
+            return carry
+
+        lax.fori_loop(lax.div(start, k_iters), lax.div(end - 1, k_iters) + 1, segment, 0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(i, slot):
+            t = lax.div(i, k_iters)
+            kk = lax.rem(i, k_iters)
+            ks = pl.ds(kk * BLOCK_K, BLOCK_K)
+            ns = pl.ds(t * BLOCK_N, BLOCK_N)
+            plgpu.copy_gmem_to_smem(w_ref.at[ns, ks], w_smem.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[cols, ks], x_smem.at[slot], loaded.at[slot])
+            if int4:
+                plgpu.copy_gmem_to_smem(s_ref.at[kk, ns], s_smem.at[slot], loaded.at[slot])
+
+        for j in range(stages):  # fill the ring
+            pl.when(j < steps)(functools.partial(fetch, start + j, j))
+
+        @pl.loop(0, jnp.maximum(steps - stages, 0))
+        def _refill(j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(consumed.at[slot])
+            fetch(start + j + stages, slot)
+
+        # Observe the last consumptions too, so every barrier phase is waited for (the interpreter checks it).
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _drain(j):
+            plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
+
+
+def num_sms(device=None) -> int:
+    device = device if device is not None else jax.devices()[0]
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(count) if count else DEFAULT_NUM_SMS
+
+
+def check_inputs(x, q, scale, interpret: bool = False) -> str:
+    """The format ("int8" | "int4") of valid inputs, or a ValueError naming the problem."""
+    m, k = x.shape
+    n, k2 = q.shape
+    fmt = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.int4): "int4"}.get(jnp.dtype(q.dtype))
+    if fmt is None:
+        raise ValueError(f"q must be int8 or int4, got {q.dtype}")
+    if k2 != k or k % BLOCK_K or n % BLOCK_N:
+        raise ValueError(f"x {x.shape} and q {q.shape}: K must match and be a multiple of {BLOCK_K}, N of {BLOCK_N}")
+    want = (n,) if fmt == "int8" else (k // BLOCK_K, n)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{fmt} scale must be {want}, got {scale.shape}")
+    if jnp.dtype(scale.dtype) != jnp.dtype(jnp.bfloat16):
+        raise ValueError(f"scale must be bfloat16, got {scale.dtype}")
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.bfloat16) and not interpret:
+        raise NotImplementedError(f"the compiled kernel takes bfloat16 x, got {x.dtype}")
+    if m < 1:
+        raise ValueError("x has no rows")
+    return fmt
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
+def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jnp.bfloat16,
+                   config: QMatmulConfig = QMatmulConfig(),
+                   interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+    """x [M, K] @ the quantized weight q [N, K] (int8: scale [N]; int4: scale [K/128, N]) -> [M, N] out_dtype.
+    `interpret=True` (or an `plgpu.InterpretGPUParams`) runs the kernel under the GPU interpreter on CPU."""
+    fmt = check_inputs(x, q, scale, bool(interpret))
+    int4 = fmt == "int4"
+    m, k = x.shape
+    n = q.shape[0]
+    plan = make_plan(m, n, k, fmt, config, DEFAULT_NUM_SMS if interpret else num_sms())
+    bm, stages = plan.block_m, plan.stages
+    mp = plan.m_tiles * bm
+    a_from_smem = config.a_from_smem or bool(interpret)
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    scratch = (
+        plgpu.SMEM((stages, bm, BLOCK_K), x.dtype, transforms=_transforms(BLOCK_K, x.dtype)),
+        plgpu.SMEM((stages, BLOCK_N, BLOCK_K), q.dtype, transforms=_transforms(BLOCK_K, q.dtype)),
+        plgpu.SMEM((stages, BLOCK_N), bf16) if int4 else None,
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bm), f32, transforms=_transforms(bm, f32)),
+        (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, BLOCK_K), x.dtype, transforms=_transforms(BLOCK_K, x.dtype))
+         if a_from_smem else None),
+        plgpu.Barrier(num_arrivals=3 if int4 else 2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+    )
+    kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem)
+    partials = plgpu.kernel(
+        lambda x_ref, w_ref, *rest: (kernel(x_ref, w_ref, *rest) if int4 else kernel(x_ref, w_ref, None, *rest)),
+        out_type=jax.ShapeDtypeStruct((plan.slots, n, mp), f32),
+        scratch_types=scratch,
+        grid=(plan.ctas, plan.m_tiles),
+        grid_names=("cta", "m"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                   else plgpu.InterpretGPUParams() if interpret else None),
+    )(xp, q, *((scale,) if int4 else ()))
+    if plan.slots > 1:  # sum the slots some CTA wrote (the rest were never written)
+        mask = np.repeat(written(plan), BLOCK_N, axis=1)[:, :, None]
+        y = jnp.sum(jnp.where(mask, partials, 0.0), axis=0)
+    else:
+        y = partials[0]
+    y = y[:, :m].T  # [M, N]
+    if not int4:
+        y = y * scale.astype(f32)
+    return y.astype(out_dtype)
+
+
+def qmatmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jnp.bfloat16) -> jax.Array:
+    """Pure-jnp oracle, all float32 (HIGHEST precision): int8 (x @ q^T) * scale; int4 x @ bf16(q * scale)^T."""
+    n, k = q.shape
+    xf = x.astype(jnp.float32)
+    v = q.astype(jnp.float32)
+    if jnp.dtype(q.dtype) == jnp.dtype(jnp.int4):
+        g = k // scale.shape[0]
+        w = (v.reshape(n, k // g, g) * scale.T.astype(jnp.float32)[..., None]).astype(jnp.bfloat16)
+        return jnp.dot(xf, w.reshape(n, k).astype(jnp.float32).T, precision=lax.Precision.HIGHEST).astype(out_dtype)
+    y = jnp.dot(xf, v.T, precision=lax.Precision.HIGHEST)
+    return (y * scale.astype(jnp.float32)).astype(out_dtype)

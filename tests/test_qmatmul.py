@@ -1,0 +1,136 @@
+"""The int8 / int4 matmul kernel (pallas_kernels/qmatmul.py) and the path table (nemodiff_jax/quant.py).
+
+1. Under the Mosaic GPU interpreter on CPU (its TMA copies, barriers, wgmma; uninitialised memory is NaN, a
+   race detector on): every case is compared with the kernel file's pure-jnp float32 oracle and with quant.py's
+   reference (the XLA path the model takes on a CPU). The cases cover one and several stream-K slots per tile,
+   ragged M (padding rows), several M tiles and a CTA whose range spans three N tiles. Tolerance: 1e-5 of the
+   output's scale in float32 (summation order only).
+2. The compiled path is lowered for CUDA on this machine (Mosaic GPU layout inference and lowering, no GPU).
+3. `gpu`-marked: the compiled kernel at the 8B's shapes against the oracle on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemodiff_jax import quant
+from nemodiff_jax.attention import DeviceInfo
+from nemodiff_jax.pallas_kernels import qmatmul as qm
+
+
+def _inputs(fmt, m, n, k, seed=0):
+    w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32) * 0.05
+    qw = quant.quantize(w, fmt)
+    x = (jax.random.normal(jax.random.key(seed + 1), (m, k), jnp.float32)).astype(jnp.bfloat16)
+    return x, qw
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all()
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# (fmt, M, N, K, CTAs): slots per tile 1 and 2+, ragged M, two M tiles, a CTA over three tiles (6 tiles x 1 step
+# over 2 CTAs)
+CASES = [("int8", 3, 256, 512, 3), ("int4", 3, 256, 512, 3), ("int8", 17, 512, 256, 7), ("int4", 130, 384, 384, 4),
+         ("int8", 8, 768, 128, 2), ("int4", 1, 256, 256, 1)]
+
+
+@pytest.mark.parametrize("fmt, m, n, k, ctas", CASES)
+def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas):
+    x, qw = _inputs(fmt, m, n, k)
+    config = qm.QMatmulConfig(num_ctas=ctas, max_stages=3)
+    got = qm.qmatmul_pallas(x, qw.q, qw.scale, out_dtype=jnp.float32, config=config,
+                            interpret=plgpu.InterpretGPUParams(detect_races=True))
+    plan = qm.make_plan(m, n, k, fmt, config, qm.DEFAULT_NUM_SMS)
+    assert got.shape == (m, n)
+    assert _rel(got, qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)) < 1e-5, plan
+    assert _rel(got, quant.matmul_reference(x, qw, jnp.float32)) < 1e-5, plan
+
+
+def test_stream_k_schedule_covers_every_step_once():
+    for n_tiles, k_iters, ctas in [(48, 32, 132), (32, 112, 132), (1024, 32, 132), (3, 3, 5), (6, 1, 2), (1, 4, 4)]:
+        total = n_tiles * k_iters
+        g = min(ctas, total)
+        plan = qm.Plan(8, 1, n_tiles, k_iters, g, 0, 2)
+        owners = [qm.cta_of(i, total, g) for i in range(total)]
+        starts = [c * total // g for c in range(g)]
+        assert owners == sorted(owners) and all(owners[s] == c for c, s in enumerate(starts))
+        counts = np.bincount(owners, minlength=g)
+        assert counts.max() - counts.min() <= 1  # an even split
+        slots = max(owners[(t + 1) * k_iters - 1] - owners[t * k_iters] + 1 for t in range(n_tiles))
+        plan = qm.make_plan(8, n_tiles * qm.BLOCK_N, k_iters * qm.BLOCK_K, "int8", qm.QMatmulConfig(num_ctas=g), g)
+        assert plan.slots == slots and qm.written(plan).sum() == len({(o, i // k_iters) for i, o in enumerate(owners)})
+
+
+def test_plan_fits_shared_memory():
+    for fmt in quant.FORMATS:
+        for m in (1, 8, 32, 64, 128, 256):
+            p = qm.make_plan(m, 4096, 4096, fmt, qm.QMatmulConfig(), 132)
+            assert p.stages >= 2 and p.block_m % 8 == 0 and p.block_m * p.m_tiles >= m
+            assert p.ctas * p.m_tiles <= 132
+
+
+def test_bad_inputs():
+    x, qw = _inputs("int8", 2, 256, 256)
+    with pytest.raises(ValueError, match="K must match"):
+        qm.qmatmul_pallas(x[:, :128], qw.q, qw.scale, interpret=True)
+    with pytest.raises(ValueError, match=r"int8 scale must be \(256,\)"):
+        qm.qmatmul_pallas(x, qw.q, qw.scale[:128], interpret=True)
+    with pytest.raises(ValueError, match="q must be int8 or int4"):
+        qm.qmatmul_pallas(x, qw.q.astype(jnp.int16), qw.scale, interpret=True)
+
+
+def test_path_table():
+    hopper = DeviceInfo("cuda", "NVIDIA H200", (9, 0))
+    _, qw8 = _inputs("int8", 1, 256, 256)
+    qw4 = quant.quantize(jnp.ones((256, 256)), "int4", group=64)
+    assert quant.choose_impl(hopper, jnp.bfloat16, 1, qw8) == "pallas"
+    assert quant.choose_impl(hopper, jnp.bfloat16, 257, qw8) == "xla"  # a prefill
+    assert "Hopper" in quant.why_not("pallas", DeviceInfo("cuda", "NVIDIA A100", (8, 0)), jnp.bfloat16, 1, qw8)
+    assert "Hopper" in quant.why_not("pallas", DeviceInfo("cpu", "cpu"), jnp.bfloat16, 1, qw8)
+    assert "bfloat16" in quant.why_not("pallas", hopper, jnp.float32, 1, qw8)
+    assert "groups of 128" in quant.why_not("pallas", hopper, jnp.bfloat16, 1, qw4)
+    small = quant.quantize(jnp.ones((256, 64)), "int8")
+    assert "multiples of 128" in quant.why_not("pallas", hopper, jnp.bfloat16, 1, small)
+    with pytest.raises(ValueError, match="cannot run on"):
+        quant.matmul(jnp.ones((1, 256), jnp.bfloat16), qw8, impl="pallas")  # this CPU
+    with pytest.raises(ValueError, match="unknown matmul impl"):
+        quant.matmul(jnp.ones((1, 256), jnp.bfloat16), qw8, impl="triton")
+
+
+def test_compiled_path_lowers_for_cuda():
+    failures = []
+    for fmt in quant.FORMATS:
+        for m, n, k in [(1, 6144, 4096), (32, 4096, 14336), (100, 28672, 4096), (256, 4096, 4096)]:
+            q = jax.ShapeDtypeStruct((n, k), quant.STORAGE[fmt])
+            s = jax.ShapeDtypeStruct((n,) if fmt == "int8" else (k // 128, n), jnp.bfloat16)
+            fn = jax.jit(functools.partial(qm.qmatmul_pallas, config=qm.QMatmulConfig()))
+            try:
+                fn.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), q, s).lower(lowering_platforms=("cuda",))
+            except Exception as e:  # noqa: BLE001 - collect every failing configuration
+                failures.append(f"{fmt} M={m} N={n} K={k}: {type(e).__name__}: {str(e)[:400]}")
+    assert not failures, "\n".join(failures)
+
+
+# 8B shapes: qkv, o, gate_up, down (K, N), rows of AR decode and of 32-token chunks
+GPU_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 32, 64, 200, 256])
+def test_gpu_kernel_matches_reference(fmt, m):
+    for k, n in GPU_SHAPES:
+        x, qw = _inputs(fmt, m, n, k)
+        got = jax.jit(lambda x, q, s: qm.qmatmul_pallas(x, q, s, out_dtype=jnp.float32))(x, qw.q, qw.scale)
+        want = qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)
+        assert _rel(got, want) < 1e-5, (fmt, m, k, n)
+        assert quant.choose_impl(DeviceInfo.of(), jnp.bfloat16, m, qw) == "pallas"
