@@ -19,7 +19,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nemodiff_jax import bench, quant
 from nemodiff_jax.pallas_kernels import qmatmul as qm
@@ -81,7 +80,7 @@ def per_shape(ms, out):
     return rows
 
 
-def chain(out, ms):
+def chain(out, ms, formats=quant.FORMATS, impls=("xla", "pallas"), bf16=True):
     """34 layers x (qkv, o, gate_up, down) + head, each output feeding the next input as in a forward."""
     d, f = SHAPES["o"][0], SHAPES["down"][0]
     layers = []
@@ -99,18 +98,18 @@ def chain(out, ms):
         return mm(x, head)
 
     res = {}
-    for m in ms:
+    for m in ms if bf16 else ():
         x = jax.random.normal(jax.random.key(2), (m, d), jnp.float32).astype(jnp.bfloat16) * 0.1
         res[f"bf16_M{m}_ms"] = 1e3 * time_chain(jax.jit(lambda x, ls, h: forward(x, ls, h, jnp.matmul)),
                                                 x, layers, head)
         print(json.dumps({k: v for k, v in res.items()}), flush=True)
     bf16_layers = layers
-    for fmt in quant.FORMATS:
+    for fmt in formats:
         qlayers = [quantized(ws, fmt) for ws in bf16_layers]
         qhead = quantized([head], "int8")[0]
         for m in ms:
             x = jax.random.normal(jax.random.key(2), (m, d), jnp.float32).astype(jnp.bfloat16) * 0.1
-            for impl in ("xla", "pallas"):
+            for impl in impls:
                 mm = lambda x, q, impl=impl: quant.matmul(x, q, impl=impl)
                 try:
                     res[f"{fmt}_{impl}_M{m}_ms"] = 1e3 * time_chain(

@@ -553,7 +553,9 @@ def _bench_format(res, name, cfg, fmt, s, hbm, impls, mesh, save):
     model = make_model(cfg, mesh, fmt)
     jax.block_until_ready(nnx.state(model))
     weight_bytes = streamed_bytes(model)
-    res["formats"][fmt] = {"init_s": time.perf_counter() - t, "weight_bytes": weight_bytes}
+    stats = jax.devices()[0].memory_stats() or {}  # what the allocator holds now: the model (and its KV-free state)
+    res["formats"][fmt] = {"init_s": time.perf_counter() - t, "weight_bytes": weight_bytes,
+                           "device_bytes_in_use": stats.get("bytes_in_use")}
     for ctx, impl in ((c, i) for i in s.attn for c in s.contexts):
         row = {"format": fmt, "context": ctx, "attn": impl}
         for t_chunk, causal, key in ((1, True, "t1"), (32, True, "t32_causal"), (32, False, "t32_bidir")):

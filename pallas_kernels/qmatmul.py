@@ -38,18 +38,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-ROWS_PER_WG = 64  # wgmma M: output channels per compute warpgroup
-COMPUTE_WGS = 2
-BLOCK_N = ROWS_PER_WG * COMPUTE_WGS  # output channels per tile
-BLOCK_K = 128  # inputs per step (= the int4 group)
+ROWS_PER_WG = 64  # wgmma M: output channels per row tile
+SUB_K = 128  # inputs per wgmma chain (= the int4 group); a pipeline stage holds `k_sub` of them
 MAX_BLOCK_M = 128  # rows of x per M tile (wgmma N)
 SMEM_BUDGET = 200 * 1024
+REGISTERS = 65536  # per SM
 DEFAULT_NUM_SMS = 132
+BLOCK_N = 128  # what N must be a multiple of (the smallest tile: 2 warpgroups x 1 row tile)
+BLOCK_K = SUB_K  # what K must be a multiple of
 
 
 @dataclasses.dataclass(frozen=True)
 class QMatmulConfig:
-    """Static tuning (jit-static: frozen and hashable)."""
+    """Static tuning (jit-static: frozen and hashable). A tile is compute_wgs x row_tiles x 64 output channels;
+    a pipeline stage k_sub x 128 inputs. None: the defaults measured best on an H200 (DEFAULT_TILING)."""
+    compute_wgs: int | None = None  # 2 or 4 compute warpgroups
+    row_tiles: int | None = None  # independent 64-row accumulators per warpgroup (wgmma chains in flight)
+    k_sub: int | None = None  # 128-input sub-steps per pipeline stage (per barrier round trip)
     max_stages: int = 8  # SMEM ring depth (fewer where the budget asks)
     num_ctas: int | None = None  # CTAs of the stream-K split (all M tiles together); None: the device's SMs
     a_from_smem: bool = False  # dequantized tile via SMEM (forced under interpret; see module doc)
@@ -59,6 +64,16 @@ class QMatmulConfig:
             raise ValueError(f"{self.max_stages=} must be >= 2")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"{self.num_ctas=} must be >= 1 (or None: one per SM)")
+        if self.compute_wgs not in (None, 2, 4):
+            raise ValueError(f"{self.compute_wgs=} must be 2 or 4")
+        for name in ("row_tiles", "k_sub"):
+            if getattr(self, name) not in (None, 1, 2, 4):
+                raise ValueError(f"{name}={getattr(self, name)} must be 1, 2 or 4")
+        if (self.compute_wgs or 2) * (self.row_tiles or 1) > 4:
+            raise ValueError("a tile holds at most 256 output channels (one TMA box): compute_wgs x row_tiles <= 4")
+
+
+DEFAULT_TILING = dict(compute_wgs=2, row_tiles=1, k_sub=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +81,21 @@ class Plan:
     block_m: int  # rows of x per M tile (a multiple of 8)
     m_tiles: int
     n_tiles: int
-    k_iters: int
+    k_iters: int  # pipeline stages' worth of K per tile
     ctas: int  # per M tile
     slots: int  # partials per N tile (the most CTAs any tile is split over)
     stages: int
+    compute_wgs: int = 2
+    row_tiles: int = 1
+    k_sub: int = 1
+
+    @property
+    def block_n(self) -> int:
+        return self.compute_wgs * self.row_tiles * ROWS_PER_WG
+
+    @property
+    def block_k(self) -> int:
+        return self.k_sub * SUB_K
 
 
 def cta_of(i: int, total: int, ctas: int) -> int:
@@ -88,24 +114,41 @@ def written(plan: Plan) -> np.ndarray:
     return out
 
 
-def stage_bytes(fmt: str, block_m: int) -> int:
-    w = BLOCK_N * BLOCK_K * (1 if fmt == "int8" else 2) // (1 if fmt == "int8" else 4)
-    return w + block_m * BLOCK_K * 2 + (BLOCK_N * 2 if fmt == "int4" else 0)
+def stage_bytes(fmt: str, block_m: int, block_n: int, block_k: int) -> int:
+    w = block_n * block_k // (1 if fmt == "int8" else 2)
+    return w + block_m * block_k * 2 + (block_n * 2 * (block_k // SUB_K) if fmt == "int4" else 0)
 
 
-def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: int) -> Plan:
+def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: int,
+              a_from_smem: bool = False) -> Plan:
     block_m = min(-(-m // 8) * 8, MAX_BLOCK_M)
     m_tiles = -(-m // block_m)
-    n_tiles, k_iters = n // BLOCK_N, k // BLOCK_K
+    tiling = {name: getattr(config, name) or DEFAULT_TILING[name] for name in DEFAULT_TILING}
+    wgs, rows, k_sub = tiling["compute_wgs"], tiling["row_tiles"], tiling["k_sub"]
+    # Shrink the tile where N or K does not divide, or the SMEM ring would hold fewer than 2 stages (large M),
+    # down to 2 warpgroups x 1 row tile x 128 inputs.
+    while rows > 1 and n % (wgs * rows * ROWS_PER_WG):
+        rows //= 2
+    if n % (wgs * rows * ROWS_PER_WG) or (wgs == 4 and block_m > 64):  # 4 warpgroups: <= 120 registers each
+        wgs = 2
+    while k_sub > 1 and k % (k_sub * SUB_K):
+        k_sub //= 2
+    while True:
+        block_n, block_k = wgs * rows * ROWS_PER_WG, k_sub * SUB_K
+        fixed = block_n * block_m * 4 + (wgs * ROWS_PER_WG * SUB_K * 2 if a_from_smem else 0)  # o tiles, a tiles
+        stages = min(config.max_stages, (SMEM_BUDGET - fixed) // stage_bytes(fmt, block_m, block_n, block_k))
+        if stages >= 2 or (wgs, rows, k_sub) == (2, 1, 1):
+            break
+        k_sub, rows, wgs = (1, rows, wgs) if k_sub > 1 else (1, 1, wgs) if rows > 1 else (1, 1, 2)
+    if stages < 2:
+        raise ValueError(f"block_m {block_m} with {block_n}x{block_k} tiles leaves room for {stages} pipeline "
+                         f"stages in {SMEM_BUDGET} B of SMEM")
+    n_tiles, k_iters = n // block_n, k // block_k
     total = n_tiles * k_iters
     ctas = max(1, min((config.num_ctas or num_sms) // m_tiles, total))
     slots = max(cta_of((t + 1) * k_iters - 1, total, ctas) - cta_of(t * k_iters, total, ctas) + 1
                 for t in range(n_tiles))
-    fixed = COMPUTE_WGS * ROWS_PER_WG * block_m * 4 + COMPUTE_WGS * ROWS_PER_WG * BLOCK_K * 2
-    stages = min(config.max_stages, (SMEM_BUDGET - fixed) // stage_bytes(fmt, block_m))
-    if stages < 2:
-        raise ValueError(f"block_m {block_m} leaves room for {stages} pipeline stages in {SMEM_BUDGET} B of SMEM")
-    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages)
+    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages, wgs, rows, k_sub)
 
 
 def _transforms(minor: int, dtype) -> tuple:
@@ -115,15 +158,24 @@ def _transforms(minor: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
+def _registers(wgs: int) -> tuple[int, int]:
+    """setmaxnreg for the compute and the memory warpgroups (multiples of 8, all within the SM's file)."""
+    memory = 40 if wgs == 2 else 24
+    compute = min(232, (REGISTERS // 128 - memory) // wgs // 8 * 8)
+    return compute, memory
+
+
 def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, loaded, consumed, *,
             int4: bool, plan: Plan, a_from_smem: bool):
-    """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (2 compute + 1 memory).
+    """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
     x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4; s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
-    smem: x [C, bm, 128], w [C, 128, 128], s [C, 128] (int4), o [2, 64, bm] f32, a [2, 64, 128] (a_from_smem)
-    barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (2 arrivals)
+    smem (C stages, J = k_sub, R = row_tiles): x [C, J, bm, 128], w [C, J, BN, 128], s [C, J, BN] (int4),
+    o [W, R, 64, bm] f32, a [W, 64, 128] (a_from_smem)
+    barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (W arrivals)
     """
     bm, stages, k_iters = plan.block_m, plan.stages, plan.k_iters
+    wgs, row_tiles, k_sub, block_n = plan.compute_wgs, plan.row_tiles, plan.k_sub, plan.block_n
     total = plan.n_tiles * k_iters
     c = lax.axis_index("cta")
     cols = pl.ds(lax.axis_index("m") * bm, bm)
@@ -131,63 +183,70 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
     end = lax.div((c + 1) * total, plan.ctas)
     steps = end - start
     wg = lax.axis_index("wg")
+    compute_regs, memory_regs = _registers(wgs)
 
-    @pl.when(wg < COMPUTE_WGS)
+    @pl.when(wg < wgs)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        rows = pl.ds(wg * ROWS_PER_WG, ROWS_PER_WG)
+        plgpu.set_max_registers(compute_regs, action="increase")
+        tiles = [pl.ds((wg * row_tiles + r) * ROWS_PER_WG, ROWS_PER_WG) for r in range(row_tiles)]
 
-        def segment(t, carry):  # the CTA's steps within N tile t, then the flush of its partial
+        def segment(t, carry):  # the CTA's steps within N tile t, then the flush of its partials
             lo = jnp.maximum(start, t * k_iters)
             hi = jnp.minimum(end, (t + 1) * k_iters)
 
-            def accumulate(acc_ref):
+            def accumulate(*acc_refs):
                 def step(i, carry):
                     slot = lax.rem(i - start, stages)
                     plgpu.barrier_wait(loaded.at[slot])
-                    upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
-                    w = plgpu.load(w_smem.at[slot, rows], layout=upcast)
-                    w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
-                    if int4:
-                        s = plgpu.load(s_smem.at[slot, rows], layout=plgpu.Layout.WGMMA.reduce(1))
-                        w = w * lax.broadcast_in_dim(s, w.shape, [0])
-                    if a_from_smem:
-                        a_smem.at[wg][...] = w
-                        plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, a_smem.at[wg], x_smem.at[slot].T)
-                    else:
-                        plgpu.wgmma(acc_ref, w, x_smem.at[slot].T)
+                    for j in range(k_sub):
+                        for r, rows in enumerate(tiles):
+                            upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
+                            w = plgpu.load(w_smem.at[slot, j, rows], layout=upcast)
+                            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+                            if int4:
+                                s = plgpu.load(s_smem.at[slot, j, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                                w = w * lax.broadcast_in_dim(s, w.shape, [0])
+                            if a_from_smem:
+                                a_smem.at[wg][...] = w
+                                plgpu.commit_smem()
+                                plgpu.wgmma(acc_refs[r], a_smem.at[wg], x_smem.at[slot, j].T)
+                                plgpu.wgmma_wait(0)  # a_smem is written again next
+                            else:
+                                plgpu.wgmma(acc_refs[r], w, x_smem.at[slot, j].T)
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(consumed.at[slot])
                     return carry
 
                 lax.fori_loop(lo, hi, step, 0)
-                return acc_ref[...]
+                return [a[...] for a in acc_refs]
 
-            acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS_PER_WG, bm), jnp.float32))
+            accs = pl.run_scoped(accumulate, *[plgpu.ACC((ROWS_PER_WG, bm), jnp.float32)] * row_tiles)
             slot = c - cta_of(t * k_iters, total, plan.ctas)
-            o_wg = o_smem.at[wg]
-            o_wg[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_wg, o_ref.at[slot, pl.ds(t * BLOCK_N + wg * ROWS_PER_WG, ROWS_PER_WG), cols])
-            plgpu.wait_smem_to_gmem(0)  # o_wg is written again by the next segment
+            for r, rows in enumerate(tiles):
+                o_tile = o_smem.at[wg, r]
+                o_tile[...] = accs[r]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_tile, o_ref.at[slot, pl.ds(t * block_n + rows.start, ROWS_PER_WG), cols])
+            plgpu.wait_smem_to_gmem(0)  # the o tiles are written again by the next segment
             return carry
 
         lax.fori_loop(lax.div(start, k_iters), lax.div(end - 1, k_iters) + 1, segment, 0)
 
-    @pl.when(wg == COMPUTE_WGS)
+    @pl.when(wg == wgs)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(memory_regs, action="decrease")
 
         def fetch(i, slot):
             t = lax.div(i, k_iters)
             kk = lax.rem(i, k_iters)
-            ks = pl.ds(kk * BLOCK_K, BLOCK_K)
-            ns = pl.ds(t * BLOCK_N, BLOCK_N)
-            plgpu.copy_gmem_to_smem(w_ref.at[ns, ks], w_smem.at[slot], loaded.at[slot])
-            plgpu.copy_gmem_to_smem(x_ref.at[cols, ks], x_smem.at[slot], loaded.at[slot])
-            if int4:
-                plgpu.copy_gmem_to_smem(s_ref.at[kk, ns], s_smem.at[slot], loaded.at[slot])
+            ns = pl.ds(t * block_n, block_n)
+            for j in range(k_sub):
+                group = kk * k_sub + j
+                ks = pl.ds(group * SUB_K, SUB_K)
+                plgpu.copy_gmem_to_smem(w_ref.at[ns, ks], w_smem.at[slot, j], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(x_ref.at[cols, ks], x_smem.at[slot, j], loaded.at[slot])
+                if int4:
+                    plgpu.copy_gmem_to_smem(s_ref.at[group, ns], s_smem.at[slot, j], loaded.at[slot])
 
         for j in range(stages):  # fill the ring
             pl.when(j < steps)(functools.partial(fetch, start + j, j))
@@ -241,21 +300,21 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
     int4 = fmt == "int4"
     m, k = x.shape
     n = q.shape[0]
-    plan = make_plan(m, n, k, fmt, config, DEFAULT_NUM_SMS if interpret else num_sms())
-    bm, stages = plan.block_m, plan.stages
-    mp = plan.m_tiles * bm
     a_from_smem = config.a_from_smem or bool(interpret)
+    plan = make_plan(m, n, k, fmt, config, DEFAULT_NUM_SMS if interpret else num_sms(), a_from_smem)
+    bm, stages, wgs, k_sub, block_n = plan.block_m, plan.stages, plan.compute_wgs, plan.k_sub, plan.block_n
+    mp = plan.m_tiles * bm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     f32, bf16 = jnp.float32, jnp.bfloat16
     scratch = (
-        plgpu.SMEM((stages, bm, BLOCK_K), x.dtype, transforms=_transforms(BLOCK_K, x.dtype)),
-        plgpu.SMEM((stages, BLOCK_N, BLOCK_K), q.dtype, transforms=_transforms(BLOCK_K, q.dtype)),
-        plgpu.SMEM((stages, BLOCK_N), bf16) if int4 else None,
-        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bm), f32, transforms=_transforms(bm, f32)),
-        (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, BLOCK_K), x.dtype, transforms=_transforms(BLOCK_K, x.dtype))
+        plgpu.SMEM((stages, k_sub, bm, SUB_K), x.dtype, transforms=_transforms(SUB_K, x.dtype)),
+        plgpu.SMEM((stages, k_sub, block_n, SUB_K), q.dtype, transforms=_transforms(SUB_K, q.dtype)),
+        plgpu.SMEM((stages, k_sub, block_n), bf16) if int4 else None,
+        plgpu.SMEM((wgs, plan.row_tiles, ROWS_PER_WG, bm), f32, transforms=_transforms(bm, f32)),
+        (plgpu.SMEM((wgs, ROWS_PER_WG, SUB_K), x.dtype, transforms=_transforms(SUB_K, x.dtype))
          if a_from_smem else None),
-        plgpu.Barrier(num_arrivals=3 if int4 else 2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=k_sub * (3 if int4 else 2), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
     )
     kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem)
     partials = plgpu.kernel(
@@ -264,14 +323,14 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
         scratch_types=scratch,
         grid=(plan.ctas, plan.m_tiles),
         grid_names=("cta", "m"),
-        num_threads=COMPUTE_WGS + 1,
+        num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                    else plgpu.InterpretGPUParams() if interpret else None),
     )(xp, q, *((scale,) if int4 else ()))
     if plan.slots > 1:  # sum the slots some CTA wrote (the rest were never written)
-        mask = np.repeat(written(plan), BLOCK_N, axis=1)[:, :, None]
+        mask = np.repeat(written(plan), block_n, axis=1)[:, :, None]
         y = jnp.sum(jnp.where(mask, partials, 0.0), axis=0)
     else:
         y = partials[0]

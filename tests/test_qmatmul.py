@@ -39,17 +39,22 @@ def _rel(a, b):
 
 # (fmt, M, N, K, CTAs): slots per tile 1 and 2+, ragged M, two M tiles, a CTA over three tiles (6 tiles x 1 step
 # over 2 CTAs)
-CASES = [("int8", 3, 256, 512, 3), ("int4", 3, 256, 512, 3), ("int8", 17, 512, 256, 7), ("int4", 130, 384, 384, 4),
-         ("int8", 8, 768, 128, 2), ("int4", 1, 256, 256, 1)]
+# The tilings: (compute warpgroups, row tiles per warpgroup, 128-input sub-steps per stage)
+CASES = [("int8", 3, 256, 512, 3, (2, 1, 1)), ("int4", 3, 256, 512, 3, (2, 1, 1)), ("int8", 17, 512, 256, 7, (2, 1, 1)),
+         ("int4", 130, 384, 384, 4, (2, 1, 1)), ("int8", 8, 768, 128, 2, (2, 1, 1)), ("int4", 1, 256, 256, 1, (2, 1, 1)),
+         ("int8", 5, 1024, 1024, 5, (4, 1, 1)), ("int4", 33, 1024, 1024, 3, (2, 2, 2)),
+         ("int4", 9, 512, 768, 4, (4, 1, 2))]
 
 
-@pytest.mark.parametrize("fmt, m, n, k, ctas", CASES)
-def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas):
+@pytest.mark.parametrize("fmt, m, n, k, ctas, tiling", CASES)
+def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas, tiling):
     x, qw = _inputs(fmt, m, n, k)
-    config = qm.QMatmulConfig(num_ctas=ctas, max_stages=3)
+    wgs, rows, k_sub = tiling
+    config = qm.QMatmulConfig(wgs, rows, k_sub, num_ctas=ctas, max_stages=3)
     got = qm.qmatmul_pallas(x, qw.q, qw.scale, out_dtype=jnp.float32, config=config,
                             interpret=plgpu.InterpretGPUParams(detect_races=True))
     plan = qm.make_plan(m, n, k, fmt, config, qm.DEFAULT_NUM_SMS)
+    assert (plan.compute_wgs, plan.row_tiles) == (wgs, rows) and plan.k_sub == (k_sub if k % (128 * k_sub) == 0 else 1)
     assert got.shape == (m, n)
     assert _rel(got, qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)) < 1e-5, plan
     assert _rel(got, quant.matmul_reference(x, qw, jnp.float32)) < 1e-5, plan
