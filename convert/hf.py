@@ -21,8 +21,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from nemodiff_jax.convert.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, Reader, TensorInfo, read_header, write_file
+from nemodiff_jax import quant
 from nemodiff_jax.config import Config
-from nemodiff_jax.model import Transformer, abstract_model
+from nemodiff_jax.model import QUANTIZABLE, Transformer, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -140,11 +141,43 @@ def effective_config(cfg: Config, names) -> Config:
     return cfg
 
 
+def _qblock(pc: Piece) -> tuple:
+    """The block a piece fills in the out-major quantized arrays [*out, K] (its 16-bit block minus the leading
+    input axis): q/k/v [:, :G] etc. of qkv [K, G+2, H, D], gate/up [0]/[1] of gate_up [2, F, D], else all."""
+    return pc.block[1:] if isinstance(pc.block, tuple) else ()
+
+
+def _quantized_names(pc: Piece) -> tuple[str, str]:
+    stem = pc.hf.removesuffix(".weight")
+    return stem + ".qweight", stem + ".scales"
+
+
+def expected_tensors(cfg: Config) -> dict[str, tuple[Piece, str, tuple[int, ...], tuple[str, ...]]]:
+    """Every tensor a checkpoint of this config holds: name -> (piece, role, shape, allowed dtypes). Roles:
+    "weight" (16-bit), "qweight" (int8 [out, in] or packed int4 uint8 [out, in/2]) and "scales" (bf16 [out]
+    for int8, [in/group, out] for int4): docs/QUANTIZATION.md, "On disk"."""
+    q = cfg.quantization
+    out = {}
+    for name, pc in layout(cfg).items():
+        if q is None or pc.path[-1] not in QUANTIZABLE:
+            out[name] = (pc, "weight", pc.hf_shape, WEIGHT_DTYPES)
+            continue
+        fmt = q.fmt(pc.path[-1])
+        rows, k = pc.hf_shape
+        qname, sname = _quantized_names(pc)
+        q_shape, q_dtype = ((rows, k), ("I8",)) if fmt == "int8" else ((rows, k // 2), ("U8",))
+        out[qname] = (pc, "qweight", q_shape, q_dtype)
+        out[sname] = (pc, "scales", (rows,) if fmt == "int8" else (k // q.group_size, rows), ("BF16",))
+    return out
+
+
 def load_model(model_dir: str | Path, cfg: Config, dtype=jnp.bfloat16, shardings: dict | None = None,
                progress: bool = True) -> Transformer:
-    """Builds the nnx Transformer from an HF directory, streaming tensor by tensor.
+    """Builds the nnx Transformer from an HF directory, streaming tensor by tensor; a quantized checkpoint
+    (config.json's quantization_config) gives quant.QWeight matmul weights, bit for bit as written.
 
-    `shardings` maps nnx paths to `jax.sharding.Sharding`s (see sharding.py); default: the default device."""
+    `shardings` maps nnx paths to `jax.sharding.Sharding`s (see sharding.py; for a quantized weight, a
+    quant.QWeight of them); default: the default device."""
     model_dir = Path(model_dir)
     dtype = jnp.dtype(dtype)
     tensors = checkpoint_tensors(model_dir)
@@ -153,48 +186,53 @@ def load_model(model_dir: str | Path, cfg: Config, dtype=jnp.bfloat16, shardings
     graphdef, abstract_state = nnx.split(abstract)
     expected = {path: var for path, var in nnx.to_flat_state(abstract_state)}
 
-    pieces = layout(cfg)
-    plan: list[tuple[TensorInfo, Piece]] = []
+    wanted = expected_tensors(cfg)
+    plan: list[tuple[TensorInfo, Piece, str]] = []
     for name, info in tensors.items():
         if any(p.fullmatch(name) for p in DROPPED):
             continue
-        pc = pieces.get(name)
-        if pc is None:
+        if name not in wanted:
             raise CheckpointError(f"{info.file}: unexpected tensor {name!r} (not part of a "
-                                  f"{cfg.num_layers}-layer NLD model)")
-        if info.shape != pc.hf_shape:
+                                  f"{cfg.num_layers}-layer NLD model"
+                                  + (f" quantized to {cfg.quantization.format})" if cfg.quantization else ")"))
+        pc, role, shape, dtypes = wanted[name]
+        if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
-                                  f"{list(pc.hf_shape)}")
-        if info.dtype not in WEIGHT_DTYPES:
+                                  f"{list(shape)}")
+        if info.dtype not in dtypes:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected one of "
-                                  f"{WEIGHT_DTYPES}")
-        plan.append((info, pc))
-    missing = sorted(set(pieces) - {pc.hf for _, pc in plan})
+                                  f"{dtypes}")
+        plan.append((info, pc, role))
+    missing = sorted(set(wanted) - {info.name for info, _, _ in plan})
     if missing:
         raise CheckpointError(f"{model_dir}: missing tensor(s) {missing[:8]}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
     # A param is sent to its device as soon as all its pieces are in; only params in flight sit on the host.
     todo = {path: 0 for path in expected}
-    for _, pc in plan:
+    for _, pc, _ in plan:
         todo[pc.path] += 1
-    host: dict[tuple, np.ndarray] = {}
+    host: dict[tuple, object] = {}
     readers: dict[Path, Reader] = {}
     values: dict[tuple, jax.Array] = {}
-    bar = tqdm(total=sum(i.end - i.begin for i, _ in plan), unit="B", unit_scale=True,
+    bar = tqdm(total=sum(i.end - i.begin for i, _, _ in plan), unit="B", unit_scale=True,
                desc=f"loading {model_dir.name}", disable=not progress)
     try:
-        for info, pc in sorted(plan, key=lambda x: (str(x[0].file), x[0].begin)):
+        for info, pc, role in sorted(plan, key=lambda x: (str(x[0].file), x[0].begin)):
             reader = readers.get(info.file) or readers.setdefault(info.file, Reader(info.file))
-            buf = host.get(pc.path)
-            if buf is None:
-                buf = host[pc.path] = np.empty(tuple(expected[pc.path].shape), dtype)
-            buf[pc.block] = _to_nnx(reader.get(info), pc, cfg)  # an owned copy: the mmap closes later
+            arr = reader.get(info)
+            if role == "weight":
+                buf = host.get(pc.path)
+                if buf is None:
+                    buf = host[pc.path] = np.empty(tuple(expected[pc.path].shape), dtype)
+                buf[pc.block] = _to_nnx(arr, pc, cfg)  # an owned copy: the mmap closes later
+            else:
+                bufs = host.get(pc.path) or host.setdefault(pc.path, _quantized_buffers(cfg, pc, expected[pc.path]))
+                _fill_quantized(bufs, role, arr, pc)
+            del arr  # a view of the memory map, which closes below
             todo[pc.path] -= 1
             if todo[pc.path] == 0:
-                arr = host.pop(pc.path)
-                sharding = shardings.get(pc.path) if shardings else None
-                values[pc.path] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
+                values[pc.path] = _to_device(host.pop(pc.path), (shardings or {}).get(pc.path))
             bar.update(info.end - info.begin)
     finally:
         bar.close()
@@ -205,15 +243,78 @@ def load_model(model_dir: str | Path, cfg: Config, dtype=jnp.bfloat16, shardings
     return nnx.merge(graphdef, abstract_state)
 
 
+@dataclasses.dataclass
+class _QBuffers:
+    """A quantized param being assembled on the host from its pieces (2 tensors per piece)."""
+    q: np.ndarray  # int8 [*out, K] | uint8 [*out, K/2] (int4, packed as on disk)
+    scale: np.ndarray  # bf16 [*out] | [K/group, *out]
+    fmt: str
+    shape: tuple[int, ...]
+    in_dims: int
+    group: int
+
+
+def _quantized_buffers(cfg: Config, pc: Piece, var) -> _QBuffers:
+    name = pc.path[-1]
+    fmt, in_dims, group = cfg.quantization.fmt(name), QUANTIZABLE[name], cfg.quantization.group_size
+    shapes = quant.storage_shapes(fmt, tuple(var.shape), in_dims, group)
+    q_shape = shapes["q"] if fmt == "int8" else shapes["q"][:-1] + (shapes["q"][-1] // 2,)
+    return _QBuffers(np.empty(q_shape, np.int8 if fmt == "int8" else np.uint8),
+                     np.empty(shapes["scale"], DTYPES["BF16"]), fmt, tuple(var.shape), in_dims,
+                     group if fmt == "int4" else 0)
+
+
+def _fill_quantized(bufs: _QBuffers, role: str, arr: np.ndarray, pc: Piece):
+    block = _qblock(pc)
+    if role == "qweight":  # [rows, K or K/2] -> the block's out dims
+        target = bufs.q[block]
+        target[...] = arr.reshape(target.shape)
+    elif bufs.fmt == "int8":  # scales [rows]
+        target = bufs.scale[block]
+        target[...] = arr.reshape(target.shape)
+    else:  # scales [K/group, rows]
+        target = bufs.scale[(slice(None),) + block]
+        target[...] = arr.reshape(target.shape)
+
+
+def _to_device(value, sharding):
+    if not isinstance(value, _QBuffers):
+        return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+    put = lambda a, s: jax.device_put(a, s) if s is not None else jnp.asarray(a)
+    sq, ss = (sharding.q, sharding.scale) if sharding is not None else (None, None)
+    q = put(value.q, sq)
+    if value.fmt == "int4":  # the packed bytes are the int4 array's own bytes (quant.unpack_int4: a bitcast)
+        q = jax.jit(quant.unpack_int4, out_shardings=sq)(q) if sq is not None else quant.unpack_int4(q)
+    return quant.QWeight(q, put(value.scale, ss), value.fmt, value.shape, value.in_dims, value.group)
+
+
 def model_tensors_hf(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's weights as HF-named numpy arrays in PyTorch layout (dtype kept)."""
+    """The model's weights as HF-named numpy arrays in PyTorch layout (dtype kept); quantized weights as
+    `<name>.qweight` / `<name>.scales` (docs/QUANTIZATION.md, "On disk")."""
     params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    host: dict[tuple, np.ndarray] = {}
+    host: dict[tuple, object] = {}
     out = {}
     for name, pc in layout(model.config).items():
+        value = params[pc.path].get_value()
         if pc.path not in host:
-            host[pc.path] = np.asarray(jax.device_get(params[pc.path][...]))
-        out[name] = np.ascontiguousarray(_to_hf(host[pc.path][pc.block], pc))
+            if isinstance(value, quant.QWeight):
+                q = quant.pack_int4(value.q) if value.fmt == "int4" else value.q
+                host[pc.path] = (np.asarray(jax.device_get(q)), np.asarray(jax.device_get(value.scale)))
+            else:
+                host[pc.path] = np.asarray(jax.device_get(value))
+        if not isinstance(value, quant.QWeight):
+            out[name] = np.ascontiguousarray(_to_hf(host[pc.path][pc.block], pc))
+            continue
+        q, scale = host[pc.path]
+        block = _qblock(pc)
+        qname, sname = _quantized_names(pc)
+        qb = q[block]
+        out[qname] = np.ascontiguousarray(qb.reshape(-1, qb.shape[-1]))
+        if value.fmt == "int8":
+            out[sname] = np.ascontiguousarray(scale[block].reshape(-1))
+        else:
+            sb = scale[(slice(None),) + block]
+            out[sname] = np.ascontiguousarray(sb.reshape(sb.shape[0], -1))
     return out
 
 
@@ -229,7 +330,7 @@ def save_hf(model: Transformer, out_dir: str | Path, *, max_shard_bytes: int | N
     cfg: Config = model.config
     tensors = model_tensors_hf(model)
     torch_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[
-        DTYPE_NAMES[next(iter(tensors.values())).dtype]]
+        DTYPE_NAMES[tensors["encoder.norm.weight"].dtype]]
     if max_shard_bytes is None:
         write_file(out_dir / SINGLE_FILE, tensors)
     else:

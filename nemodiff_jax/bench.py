@@ -627,7 +627,8 @@ def markdown(report: dict) -> str:
             lines += ["", "| weights | attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | "
                       "T=32 bidir ms | linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["forward"]:
-            lines.append(f"| {r.get('format', 'bf16')} | {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | {r['floor_ms']:.2f} | "
+            lines.append(f"| {r.get('format', 'bf16')} | {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | "
+                         f"{r['floor_ms']:.2f} | "
                          f"{_pct2(r['t1_roofline_pct'], r['t1_roofline_pct_datasheet'])} | "
                          f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "
                          f"{r['linear_spec_round_in_ar_forwards']:.2f} |")
@@ -635,7 +636,8 @@ def markdown(report: dict) -> str:
                   "compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["e2e"]:
             roof = _pct2(r["roofline_pct"], r["roofline_pct_datasheet"]) if "roofline_pct" in r else ""
-            lines.append(f"| {r.get('format', 'bf16')} | {r['mode']} | {r['attn']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+            lines.append(f"| {r.get('format', 'bf16')} | {r['mode']} | {r['attn']} | {r['batch']} | "
+                         f"{r['tokens_per_s']:.1f} | "
                          f"{r['ms_per_forward']:.2f} | {r['forwards']} | {r['tokens_per_forward']:.2f} | {roof} | "
                          f"{r['compile_s']:.1f} |")
         lines.append("")

@@ -17,7 +17,7 @@ def cmd_convert(args) -> int:
     from nemodiff_jax.convert.orbax_io import save_orbax
     from nemodiff_jax.generate import load
 
-    gen = load(args.src, dtype=args.dtype, progress=True)
+    gen = load(args.src, dtype=args.dtype, progress=True, quantize=args.quantize)
     if args.to == "orbax":
         out = save_orbax(gen.model, args.dst, copy_from=args.src)
     else:
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=("orbax", "hf"), default="orbax")
     c.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     c.add_argument("--max-shard-gb", type=float, default=None, help="hf: split into shards + index")
+    c.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="write the matmul weights quantized: int8 per channel, or int4 in groups of 128 (the head "
+                        "int8); load() reads such a checkpoint as it is (docs/QUANTIZATION.md)")
     c.set_defaults(fn=cmd_convert)
 
     def sampling_args(q):

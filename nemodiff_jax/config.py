@@ -19,6 +19,51 @@ class ConfigError(ValueError):
     """A config.json we cannot represent exactly."""
 
 
+QUANT_METHOD = "nemodiff"  # the only quantization_config.quant_method we read: checkpoints `convert --quantize` wrote
+QUANT_FORMATS = ("int8", "int4")  # = nemodiff_jax.quant.FORMATS (config stays free of jax)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How a checkpoint's matmul weights are stored (docs/QUANTIZATION.md, "On disk"): `format` for qkv, o,
+    gate_up and down, `head_format` for the head, int4 in groups of `group_size` inputs."""
+
+    format: str
+    head_format: str = "int8"
+    group_size: int = 128
+
+    def __post_init__(self):
+        for name in ("format", "head_format"):
+            if getattr(self, name) not in QUANT_FORMATS:
+                raise ConfigError(f"quantization_config.{name} must be one of {QUANT_FORMATS}, "
+                                  f"got {getattr(self, name)!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
+            raise ConfigError(f"quantization_config.group_size must be an even int >= 2, got {self.group_size!r}")
+
+    def fmt(self, param: str) -> str:
+        return self.head_format if param == "diffusion_head" else self.format
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Quantization:
+        if not isinstance(d, dict):
+            raise ConfigError(f"quantization_config must be an object, got {d!r}")
+        d = dict(d)
+        method = d.pop("quant_method", None)
+        if method != QUANT_METHOD:
+            raise ConfigError(f"quantization_config.quant_method {method!r} is not supported (only {QUANT_METHOD!r}: "
+                              "checkpoints written by `nemodiff convert --quantize`)")
+        if "format" not in d:
+            raise ConfigError("quantization_config: 'format' is missing")
+        unknown = set(d) - {"format", "head_format", "group_size"}
+        if unknown:
+            raise ConfigError(f"quantization_config: unknown key(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format": self.format, "head_format": self.head_format,
+                "group_size": self.group_size}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     vocab_size: int
@@ -51,6 +96,8 @@ class Config:
     block_size: int = 32
     # dtype the checkpoint declares (informational; the load dtype is chosen by the caller).
     torch_dtype: str = dataclasses.field(default="bfloat16", compare=False)
+    # How the checkpoint stores its matmul weights (None: 16-bit). A property of the files, not of the model.
+    quantization: Quantization | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -131,6 +178,8 @@ class Config:
         kw["block_size"] = 32 if block_size is None else block_size
         kw["torch_dtype"] = str(take("torch_dtype", None) or take("dtype", "bfloat16"))
         hf.pop("dtype", None)
+        quantization = take("quantization_config", None)
+        kw["quantization"] = None if quantization is None else Quantization.from_dict(quantization)
 
         # RoPE: transformers-5 `rope_parameters` first, then `rope_scaling` + top-level `rope_theta`.
         rope = hf.pop("rope_parameters", None)
@@ -204,6 +253,7 @@ class Config:
             "block_size": self.block_size,
             "dlm_paradigm": "bidirectional",
             "torch_dtype": self.torch_dtype,
+            **({"quantization_config": self.quantization.to_dict()} if self.quantization else {}),
         }
 
 

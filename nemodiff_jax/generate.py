@@ -54,6 +54,7 @@ class Generator:
             from nemodiff_jax.sharding import shard_model
 
             model = shard_model(model, mesh)
+            model.matmul_impl = "xla"  # quantized matmuls: the reference, which the partitioner splits (quant.py)
         self.model = model
         self.config: Config = model.config
         self.tokenizer = tokenizer
@@ -353,8 +354,9 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
     `mesh` (see sharding.make_mesh): weights stream straight into their shardings (tensor parallel over
     "model"), batches are split over "data". `attention`: "auto" (the fastest path this device runs, per
     shape: nemodiff_jax.attention.choose_impl) or a forced "pallas" | "cudnn" | "xla". `quantize`: "int8" or
-    "int4" stores the matmul weights quantized (nemodiff_jax/quant.py, docs/QUANTIZATION.md; the reference
-    dequantize-then-dot path for now, one device)."""
+    "int4" quantizes the matmul weights as they load (nemodiff_jax/quant.py, docs/QUANTIZATION.md); a
+    checkpoint written by `nemodiff convert --quantize` loads quantized as it is (`quantize` may repeat its
+    format, not change it)."""
     from nemodiff_jax.convert.hf import load_model
     from nemodiff_jax.convert.orbax_io import is_orbax_dir, load_orbax, orbax_config
 
@@ -362,8 +364,6 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANT_FORMATS:
         raise ValueError(f"quantize must be one of {QUANT_FORMATS} or None, got {quantize!r}")
-    if quantize is not None and mesh is not None:
-        raise ValueError("quantized weights do not shard over a mesh yet: load them on one device")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected an HF model directory or an orbax checkpoint)")
@@ -381,8 +381,12 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
             raise FileNotFoundError(f"{path}: no config.json")
         cfg = Config.from_file(path / "config.json")
         model = load_model(path, cfg, DTYPES[dtype], shardings=shardings_for(cfg), progress=progress)
-    if quantize is not None:
-        model = quantize_weights(model, quantize)
+    stored = model.config.quantization
+    if quantize is not None and stored is not None and stored.format != quantize:
+        raise ValueError(f"{path}: the checkpoint is quantized to {stored.format}; it cannot be loaded as {quantize} "
+                         "(convert the 16-bit checkpoint instead)")
+    if quantize is not None and stored is None:
+        model = quantize_weights(model, quantize)  # on the weights' devices; Generator re-shards under a mesh
     gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh, attention=attention)
     if drafter is not None:
         gen.attach_drafter(drafter)

@@ -21,7 +21,7 @@ from flax import nnx
 from nemodiff_jax import quant, rope
 from nemodiff_jax.attention import chunk_attention, sdpa
 from nemodiff_jax.cache import KVCache, write_chunk
-from nemodiff_jax.config import Config
+from nemodiff_jax.config import Config, Quantization
 
 
 # The matmul weights a quantized model stores as quant.QWeight, with the leading axes each one contracts.
@@ -56,6 +56,7 @@ def quantize_weights(model: Transformer, fmt: str) -> Transformer:
             w = var.get_value()
             quant.check_quantizable(w.shape, f, QUANTIZABLE[name], name="/".join(map(str, path)))
             var.set_value(_quantizer(f, QUANTIZABLE[name])(w))
+    model.config = model.config.replace(quantization=Quantization(fmt, HEAD_FORMAT, quant.DEFAULT_GROUP))
     return model
 
 
@@ -192,5 +193,15 @@ class Transformer(nnx.Module):
 
 
 def abstract_model(cfg: Config, dtype=jnp.bfloat16) -> Transformer:
-    """The model's structure with ShapeDtypeStruct leaves: no memory, for loading and shape checks."""
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    """The model's structure with ShapeDtypeStruct leaves: no memory, for loading and shape checks. With
+    cfg.quantization, the matmul weights are abstract quant.QWeight (what a quantized checkpoint holds)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    q = cfg.quantization
+    if q is not None:
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            name = path[-1]
+            if name in QUANTIZABLE:
+                shape, fmt = tuple(var.shape), q.fmt(name)
+                quant.check_quantizable(shape, fmt, QUANTIZABLE[name], q.group_size, "/".join(map(str, path)))
+                var.set_value(quant.abstract(shape, fmt, QUANTIZABLE[name], q.group_size))
+    return model

@@ -79,6 +79,13 @@ def storage_shapes(fmt: str, shape: tuple[int, ...], in_dims: int, group: int = 
     return {"q": out + (k,), "scale": (k // group,) + out}
 
 
+def abstract(shape: tuple[int, ...], fmt: str, in_dims: int, group: int = DEFAULT_GROUP) -> QWeight:
+    """A QWeight of ShapeDtypeStructs: the structure a checkpoint of this weight restores into."""
+    shapes = storage_shapes(fmt, shape, in_dims, group)
+    return QWeight(jax.ShapeDtypeStruct(shapes["q"], STORAGE[fmt]), jax.ShapeDtypeStruct(shapes["scale"], jnp.bfloat16),
+                   fmt, tuple(shape), in_dims, group if fmt == "int4" else 0)
+
+
 def pack_int4(v: jax.Array) -> jax.Array:
     """int4 (or int8 values in [-8, 7]) [..., K], K even -> uint8 [..., K/2]: input 2i low nibble, 2i+1 high."""
     u = v.astype(jnp.int8).astype(jnp.uint8) & 0xF

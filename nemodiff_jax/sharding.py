@@ -12,6 +12,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nemodiff_jax import quant
+
 RULES: dict[str, str | None] = {
     "vocab": "model",
     "vocab_table": None,  # the (untied) embedding table: replicated, lookups stay local (model.py)
@@ -46,12 +48,29 @@ def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -
 
 
 def param_shardings(model, mesh: Mesh) -> dict[tuple, NamedSharding]:
-    """nnx path -> NamedSharding for every parameter, from its `logical_axes` metadata."""
+    """nnx path -> NamedSharding for every parameter, from its `logical_axes` metadata; for a quantized
+    weight, a quant.QWeight of NamedShardings (qweight_shardings)."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-        out[path] = NamedSharding(mesh, spec_for(tuple(var.shape), axes, mesh))
+        value = var.get_value()
+        if isinstance(value, quant.QWeight):
+            out[path] = qweight_shardings(value, axes, mesh)
+        else:
+            out[path] = NamedSharding(mesh, spec_for(tuple(var.shape), axes, mesh))
     return out
+
+
+def qweight_shardings(qw: quant.QWeight, axes: tuple, mesh: Mesh) -> quant.QWeight:
+    """A quantized weight shards like its 16-bit twin [*in, *out]: q [*out, K] takes the out axes and, for its
+    flattened K, the first input axis (a contiguous split of K = a split of that axis); the scales lie beside
+    their channels: [*out] (int8), [K/group, *out] (int4: groups split with the inputs)."""
+    out_axes, k_axis = tuple(axes[qw.in_dims:]), axes[0]
+    q_spec = spec_for(tuple(qw.q.shape), out_axes + (k_axis,), mesh)
+    s_axes = out_axes if qw.fmt == "int8" else (k_axis,) + out_axes
+    s_spec = spec_for(tuple(qw.scale.shape), s_axes, mesh)
+    return quant.QWeight(NamedSharding(mesh, q_spec), NamedSharding(mesh, s_spec), qw.fmt, qw.shape, qw.in_dims,
+                         qw.group)
 
 
 def cache_sharding(cfg, batch: int, mesh: Mesh | None) -> NamedSharding | None:

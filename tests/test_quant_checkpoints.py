@@ -1,0 +1,173 @@
+"""Quantized checkpoints (`nemodiff convert --quantize`, docs/QUANTIZATION.md "On disk") and quantized weights
+under a mesh: written and read back bit for bit (safetensors and orbax), strict about every tensor, and every
+mode gives the same tokens on a mesh as on one device."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemodiff_jax
+from nemodiff_jax import quant
+from nemodiff_jax.cli import main as cli_main
+from nemodiff_jax.config import Config, ConfigError
+from nemodiff_jax.convert.hf import read_hf_tensors, save_hf
+from nemodiff_jax.convert.safetensors_io import CheckpointError, write_file
+from nemodiff_jax.embedded import ASSETS, DEMO_PROMPTS, default_model
+from nemodiff_jax.generate import Generator
+from nemodiff_jax.model import Transformer, quantize_weights
+from nemodiff_jax.sharding import make_mesh
+
+# Every matmul dimension a multiple of 128 (int4 groups), heads that split over 2 model devices.
+CFG = Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+             head_dim=64, max_position_embeddings=512, rope_theta=1e4, rope_factor=4.0,
+             rope_original_max_position_embeddings=128, block_size=8, mask_token_id=3)
+PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+MODES = ("ar", "diffusion", "linear_spec")
+
+
+def leaves(model):
+    return jax.tree_util.tree_leaves(nnx.state(model))
+
+
+def assert_same_weights(a, b):
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x).astype(np.float32), np.asarray(y).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def embedded_dir(tmp_path_factory):
+    return default_model()
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("to", ["hf", "orbax"])
+def test_convert_quantize_round_trip(tmp_path, fmt, to):
+    """`nemodiff convert SRC DST --quantize` writes what load(SRC, quantize=...) holds, and load(DST) reads it
+    back bit for bit, with the same logits, in every format and container."""
+    dst = tmp_path / "q"
+    assert cli_main(["convert", str(default_model()), str(dst), "--to", to, "--quantize", fmt]) == 0
+    if to == "hf":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(ASSETS / name, dst / name)
+        cfg = json.loads((dst / "config.json").read_text())
+        assert cfg["quantization_config"] == {"quant_method": "nemodiff", "format": fmt, "head_format": "int8",
+                                              "group_size": 128}
+        t = read_hf_tensors(dst)
+        assert "encoder.layers.0.self_attn.q_proj.weight" not in t
+        q, s = t["encoder.layers.0.mlp.down_proj.qweight"], t["encoder.layers.0.mlp.down_proj.scales"]
+        d, f = 256, 768  # the embedded model's hidden and MLP sizes
+        assert (q.dtype, q.shape) == ((np.int8, (d, f)) if fmt == "int8" else (np.uint8, (d, f // 2)))
+        assert s.shape == ((d,) if fmt == "int8" else (f // 128, d)) and s.dtype.name == "bfloat16"
+        assert t["diffusion_head.qweight"].dtype == np.int8  # the head stays int8 in both formats
+        assert t["encoder.embed_tokens.weight"].dtype.name == "bfloat16"
+    want = nemodiff_jax.load(default_model(), progress=False, quantize=fmt)
+    got = nemodiff_jax.load(dst, progress=False)
+    assert got.config.quantization.format == fmt
+    assert_same_weights(want.model, got.model)
+    tokens = np.asarray([want.tokenizer.encode(p)[:8] for p in DEMO_PROMPTS], np.int32)
+    np.testing.assert_array_equal(want.logits(tokens), got.logits(tokens))
+    assert nemodiff_jax.load(dst, progress=False, quantize=fmt).config.quantization.format == fmt  # a no-op
+    other = "int4" if fmt == "int8" else "int8"
+    with pytest.raises(ValueError, match=f"quantized to {fmt}; it cannot be loaded as {other}"):
+        nemodiff_jax.load(dst, progress=False, quantize=other)
+
+
+@pytest.fixture(scope="module")
+def int4_tensors(tmp_path_factory):
+    """The embedded model as an int4 safetensors checkpoint: (dir, tensors, config dict)."""
+    d = tmp_path_factory.mktemp("int4")
+    model = quantize_weights(nemodiff_jax.load(default_model(), progress=False).model, "int4")
+    save_hf(model, d / "ok")
+    return d / "ok", read_hf_tensors(d / "ok"), json.loads((d / "ok" / "config.json").read_text())
+
+
+def _write(tmp_path, tensors, cfg):
+    d = tmp_path / "bad"
+    d.mkdir()
+    write_file(d / "model.safetensors", tensors)
+    (d / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(ASSETS / "tokenizer.json", d / "tokenizer.json")
+    shutil.copy(ASSETS / "tokenizer_config.json", d / "tokenizer_config.json")
+    return d
+
+
+QW = "encoder.layers.1.self_attn.o_proj.qweight"
+SC = "encoder.layers.1.self_attn.o_proj.scales"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t, c: t.update({QW: t[QW][:, :-1]}), rf"{QW}' has shape \[256, 127\], expected \[256, 128\]"),
+    (lambda t, c: t.update({QW: t[QW].view(np.int8)}), rf"{QW}' has dtype I8, expected one of \('U8',\)"),
+    (lambda t, c: t.update({SC: t[SC][:1]}), rf"{SC}' has shape \[1, 256\], expected \[2, 256\]"),
+    (lambda t, c: t.update({SC: t[SC].astype(np.float32)}), rf"{SC}' has dtype F32, expected one of \('BF16',\)"),
+    (lambda t, c: t.pop(SC), rf"missing tensor\(s\) \['{SC}'\]"),
+    (lambda t, c: t.update({"encoder.layers.0.mlp.up_proj.weight": t.pop("encoder.layers.0.mlp.up_proj.qweight")}),
+     r"unexpected tensor 'encoder.layers.0.mlp.up_proj.weight' \(not part of a 8-layer NLD model quantized to int4"),
+    (lambda t, c: c["quantization_config"].update(group_size=64),
+     r"\.scales' has shape \[(\d+), 256\], expected \[(\d+), 256\]"),  # twice as many groups
+    (lambda t, c: c["quantization_config"].update(group_size=96), r"int4 group size 96 must be even and divide"),
+    (lambda t, c: c["quantization_config"].update(quant_method="gptq"), "quant_method 'gptq' is not supported"),
+    (lambda t, c: c["quantization_config"].update(bits=4), r"unknown key\(s\) \['bits'\]"),
+    (lambda t, c: c.pop("quantization_config"),
+     r"unexpected tensor '.*\.(qweight|scales)' \(not part of a 8-layer NLD model\)"),
+])
+def test_strict_loading_names_the_problem(tmp_path, int4_tensors, edit, match):
+    _, tensors, cfg = int4_tensors
+    tensors, cfg = dict(tensors), json.loads(json.dumps(cfg))
+    edit(tensors, cfg)
+    d = _write(tmp_path, tensors, cfg)
+    with pytest.raises((CheckpointError, ConfigError, ValueError), match=match):
+        nemodiff_jax.load(d, progress=False)
+
+
+def test_unchanged_tensors_load(tmp_path, int4_tensors):
+    """The bad-checkpoint helper itself writes loadable files (so the failures above are the edits')."""
+    _, tensors, cfg = int4_tensors
+    assert nemodiff_jax.load(_write(tmp_path, dict(tensors), cfg), progress=False).config.quantization
+
+
+def _quantized(fmt):
+    m = Transformer(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    return quantize_weights(m, fmt)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform (tests/conftest.py)")
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
+    """On (1, 2) and (2, 2) meshes every mode gives the single-device tokens; q and the scales are split over
+    "model" with their channels (qkv by kv heads, gate_up by the MLP, o and down by their inputs); a quantized
+    checkpoint streams straight into those shardings."""
+    ref = Generator(_quantized(fmt))
+    want = {m: [r.tokens for r in ref.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
+            for m in MODES}
+    save_hf(ref.model, tmp_path / "q")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSETS / name, tmp_path / "q" / name)
+    for shape in [(1, 2), (2, 2)]:
+        for g in (Generator(_quantized(fmt), mesh=make_mesh(*shape)),
+                  nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=make_mesh(*shape))):
+            for m in MODES:
+                got = [r.tokens for r in g.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
+                assert got == want[m], (fmt, shape, m)
+            layer = g.model.layers[0]
+            P = jax.sharding.PartitionSpec
+            qkv, gate_up = layer.self_attn.qkv_proj.get_value(), layer.mlp.gate_up_proj.get_value()
+            o, down = layer.self_attn.o_proj.get_value(), layer.mlp.down_proj.get_value()
+            assert qkv.q.sharding.spec == P("model", None, None, None)  # [K, G+2, H, D]
+            assert gate_up.q.sharding.spec == P(None, "model", None)  # [2, F, D]
+            assert o.q.sharding.spec == P(None, "model") and down.q.sharding.spec == P(None, "model")  # [D, K]
+            if fmt == "int8":
+                assert gate_up.scale.sharding.spec == P(None, "model") and down.scale.sharding.spec == P(None)
+            else:  # [K/g, *out]: the groups go with the inputs
+                assert gate_up.scale.sharding.spec == P(None, None, "model")
+                assert down.scale.sharding.spec == P("model", None)
