@@ -3,6 +3,9 @@
 rows of AR decode (M=1) and of a 32-token chunk (M=32). Every case is also checked against the float32 oracle.
 Then the best tiling per format runs the issue's chain (34 layers of qkv, o, gate_up, down, plus the head).
 
+Each tiling runs in its own process under `--case-timeout` seconds (on 2026-12-02 the 4-warpgroup tiling never
+returned: a hang or a very slow compile, which must not take the whole sweep with it).
+
     python3 -P benchmarks/qmatmul_tiling.py --out $OUT/tiling.json
 """
 
@@ -12,6 +15,7 @@ import argparse
 import datetime
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,43 +32,64 @@ TILINGS = [(2, 1, 1), (4, 1, 1), (2, 2, 1), (2, 1, 2), (4, 1, 2), (2, 2, 2)]
 SHAPES = ["qkv", "o", "gate_up", "down"]
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="tiling.json")
-    p.add_argument("--ms", nargs="+", type=int, default=[1, 32])
-    a = p.parse_args()
-    dev = jax.devices()[0]
-    hbm = bench.copy_limit(vendor=False)
-    out = {"device": dev.device_kind, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
-           "hbm_limit_GBps": hbm.limit / 1e9, "hbm_winner": hbm.winner, "rows": []}
-    totals = {}
+def one_tiling(tiling, ms):
+    """Every shape, format and M for one tiling; prints one JSON row per case (the parent collects them)."""
     for name in SHAPES:
         k, n = qk.SHAPES[name]
         copies = min(32, max(1, math.ceil(512e6 / (2 * k * n))))
         ws = qk.weights(k, n, copies, 0)
         for fmt in quant.FORMATS:
             qs = qk.quantized(ws, fmt)
-            for m in a.ms:
+            for m in ms:
                 x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
-                for tiling in TILINGS:
-                    cfg = qm.QMatmulConfig(*tiling)
-                    row = {"shape": name, "fmt": fmt, "M": m, "tiling": tiling}
-                    try:
-                        fn = jax.jit(lambda x, qs, cfg=cfg: sum(qm.qmatmul_pallas(x, q.q, q.scale, config=cfg)
-                                                                for q in qs))
-                        row["us"] = 1e6 * qk.time_chain(fn, x, qs) / copies
-                        row["GBps"] = qs[0].nbytes / row["us"] / 1e3
-                        got = qm.qmatmul_pallas(x, qs[0].q, qs[0].scale, out_dtype=jnp.float32, config=cfg)
-                        want = qm.qmatmul_reference(x, qs[0].q, qs[0].scale, out_dtype=jnp.float32)
-                        row["rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-                        key = (fmt, m, tiling)
-                        totals[key] = totals.get(key, 0.0) + row["us"]
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                    out["rows"].append(row)
-                    print(json.dumps(row), flush=True)
+                cfg = qm.QMatmulConfig(*tiling)
+                row = {"shape": name, "fmt": fmt, "M": m, "tiling": tiling}
+                try:
+                    fn = jax.jit(lambda x, qs, cfg=cfg: sum(qm.qmatmul_pallas(x, q.q, q.scale, config=cfg)
+                                                            for q in qs))
+                    row["us"] = 1e6 * qk.time_chain(fn, x, qs) / copies
+                    row["GBps"] = qs[0].nbytes / row["us"] / 1e3
+                    got = qm.qmatmul_pallas(x, qs[0].q, qs[0].scale, out_dtype=jnp.float32, config=cfg)
+                    want = qm.qmatmul_reference(x, qs[0].q, qs[0].scale, out_dtype=jnp.float32)
+                    row["rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                print("ROW " + json.dumps(row), flush=True)
             del qs
         del ws
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="tiling.json")
+    p.add_argument("--ms", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--one", nargs=3, type=int, default=None, help="(internal) run one tiling in this process")
+    p.add_argument("--case-timeout", type=float, default=90)
+    a = p.parse_args()
+    if a.one:
+        one_tiling(tuple(a.one), a.ms)
+        return
+    dev = jax.devices()[0]
+    hbm = bench.copy_limit(vendor=False)
+    out = {"device": dev.device_kind, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+           "hbm_limit_GBps": hbm.limit / 1e9, "hbm_winner": hbm.winner, "rows": []}
+    totals = {}
+    for tiling in TILINGS:
+        cmd = [sys.executable, "-P", __file__, "--one", *map(str, tiling), "--ms", *map(str, a.ms)]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=a.case_timeout)
+            text, status = run.stdout, f"exit {run.returncode}: {run.stderr[-400:]}" if run.returncode else "ok"
+        except subprocess.TimeoutExpired as e:
+            text, status = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
+                f"timed out after {a.case_timeout} s"
+        rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
+        out["rows"] += rows
+        out.setdefault("status", {})["x".join(map(str, tiling))] = status
+        for r in rows:
+            if "us" in r:
+                key = (r["fmt"], r["M"], tiling)
+                totals[key] = totals.get(key, 0.0) + r["us"]
+        print(json.dumps({"tiling": tiling, "status": status, "cases": len(rows)}), flush=True)
         Path(a.out).write_text(json.dumps(out, indent=1))
     best = {}
     for (fmt, m, tiling), us in totals.items():
