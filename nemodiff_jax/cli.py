@@ -10,6 +10,8 @@ from pathlib import Path
 from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
 
 MODES = ("ar", "diffusion", "linear_spec")
+QUANTIZE_HELP = ("quantize the matmul weights as they load: int8 per channel, int4 in groups of 128, the head int8 "
+                 "(docs/QUANTIZATION.md); a quantized checkpoint loads as it is")
 
 
 def cmd_convert(args) -> int:
@@ -212,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
         q.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                        help="split each model replica over N devices (heads, MLP, vocab; e.g. 14B over 2 or 4 GPUs)")
-        q.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                       help="store the matmul weights quantized (docs/QUANTIZATION.md; one device)")
+        q.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
 
     g = sub.add_parser("generate", help="generate for one prompt, streaming text, then print stats")
     sampling_args(g)
@@ -261,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
     sv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                     help="split the model over N devices (heads, MLP, vocab)")
-    sv.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                    help="store the matmul weights quantized (docs/QUANTIZATION.md; one device)")
+    sv.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     sv.add_argument("--api-key", default=None, metavar="KEY",
                     help="require 'Authorization: Bearer KEY' on every /v1 request (/health and /metrics stay open)")
     sv.add_argument("--max-queue", type=int, default=64, metavar="N",

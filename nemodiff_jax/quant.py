@@ -11,7 +11,8 @@ channels reads whole rows of K:
   `group` consecutive inputs (default 128) per output channel, `scale` bf16 [K/group, *out].
   On disk (safetensors has no 4-bit type) `q` is uint8 [*out, K/2]: input 2i in the low nibble, 2i+1 in the
   high one, which is exactly the bytes of the in-memory int4 array (`pack_int4` / `unpack_int4`).
-Scales are rounded to bf16 before quantizing, so dequantizing gives exactly the values the quantizer rounded to.
+Scales are rounded to bf16 before quantizing: int8 dequantizes to exactly q * scale, int4 to q * scale rounded
+once to bf16 (what its matmul multiplies by).
 
 The matmul (`matmul`, the reference `matmul_reference`), with f32 accumulation:
 - int8: (x @ q^T) * scale, the scale applied once per output channel after the sum;

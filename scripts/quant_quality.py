@@ -2,10 +2,13 @@
 
     python scripts/quant_quality.py --val data/val.txt --out docs/embedded/quant_quality.json
 
-Every format is applied through its reference path: each matmul weight is quantized from the float32
-checkpoint and dequantized to bf16, which is exactly what `quant.qeinsum` computes. The baseline is the same
-model in bf16. The embedding table and the norms stay bf16. The head is quantized as each row says. Reports:
-- per-tensor relative error ||W - deq(W)|| / ||W||;
+Every format runs through the real quantized path: `nemodiff_jax.load(default_model(), dtype="bfloat16",
+quantize=fmt)`, whose matmul weights are quant.QWeight and whose matmuls are quant.matmul (on a CPU the XLA
+reference: int8 (x @ q^T) * scale with the scale after the f32 sum, int4 x @ bf16(q * scale)^T). load() keeps
+the head in model.HEAD_FORMAT (int8); the "head int4" row replaces it by quant.quantize(head, "int4"). The
+checkpoint is bf16, so quantizing it in bf16 or from float32 gives the same values. The baseline is the same
+model in bf16; the embedding table and the norms stay bf16. Reports:
+- per-tensor relative error ||W - dequantize(Q)|| / ||W|| against the float32 weight;
 - logit error against bf16 on held-out windows: mean and max |diff|, over the logits' standard deviation;
 - held-out next-token perplexity;
 - greedy agreement with bf16: 12 held-out prompts, 64 AR tokens; the share of prompts whose tokens are
@@ -38,32 +41,36 @@ import nemodiff_jax  # noqa: E402
 from nemodiff_jax import quant  # noqa: E402
 from nemodiff_jax.embedded import default_model  # noqa: E402
 from nemodiff_jax.generate import Generator  # noqa: E402
-from nemodiff_jax.model import QUANTIZABLE  # noqa: E402
+from nemodiff_jax.model import HEAD_FORMAT, QUANTIZABLE  # noqa: E402
 
 ROWS = [("bf16", None, None), ("int8", "int8", "int8"), ("int4-g128, head int8", "int4", "int8"),
         ("int4-g128, head int4", "int4", "int4")]
 
 
-def quantized(master, bf16: Generator, layers: str | None, head: str | None):
-    """A bf16 Generator whose matmul weights are dequantize(quantize(float32 weight)); per-tensor errors."""
-    if layers is None:
-        return bf16, []
-    graphdef, state = nnx.split(nnx.clone(bf16.model))
-    flat = dict(nnx.to_flat_state(state))
+def quantized(bf16: Generator, layers: str, head: str) -> Generator:
+    """The embedded model in bf16 with its matmul weights as load(quantize=layers) stores them, the head
+    re-quantized from `bf16`'s to `head` where that is not model.HEAD_FORMAT."""
+    gen = nemodiff_jax.load(default_model(), dtype="bfloat16", progress=False, quantize=layers)
+    if head == HEAD_FORMAT:
+        return gen
+    w = bf16.model.diffusion_head.get_value()
+    gen.model.diffusion_head.set_value(quant.quantize(w, head, QUANTIZABLE["diffusion_head"], name="diffusion_head"))
+    return Generator(gen.model, gen.tokenizer)  # its runtime holds the params it was built with: rebuild it
+
+
+def tensor_errors(gen: Generator, master: Generator) -> list[dict]:
+    """||W - dequantize(Q)|| / ||W|| for every QWeight of `gen`, W the float32 weight."""
     src = dict(nnx.to_flat_state(nnx.split(master.model)[1]))
     errors = []
-    for path, var in flat.items():
-        name = path[-1]
-        if name not in QUANTIZABLE:
+    for path, var in nnx.to_flat_state(nnx.state(gen.model, nnx.Param)):
+        qw = var.get_value()
+        if not isinstance(qw, quant.QWeight):
             continue
-        fmt = head if name == "diffusion_head" else layers
         w = src[path].get_value()
-        deq = quant.dequantize(quant.quantize(w, fmt, QUANTIZABLE[name], name="/".join(map(str, path))),
-                               jnp.bfloat16)
-        errors.append({"tensor": "/".join(map(str, path)), "format": fmt,
-                       "rel_error": float(jnp.linalg.norm(w - deq.astype(jnp.float32)) / jnp.linalg.norm(w))})
-        var.set_value(deq)
-    return Generator(nnx.merge(graphdef, state), bf16.tokenizer), errors
+        deq = quant.dequantize(qw, jnp.float32)
+        errors.append({"tensor": "/".join(map(str, path)), "format": qw.fmt,
+                       "rel_error": float(jnp.linalg.norm(w - deq) / jnp.linalg.norm(w))})
+    return errors
 
 
 def windows(tok, text: str, n: int, length: int) -> np.ndarray:
@@ -90,7 +97,8 @@ def main(argv=None) -> int:
     base_tokens = [r.tokens for r in bf16.generate(prompts, mode="ar", max_new_tokens=args.new_tokens)]
     rows = []
     for label, layers, head in ROWS:
-        gen, errors = quantized(master, bf16, layers, head)
+        gen = bf16 if layers is None else quantized(bf16, layers, head)
+        errors = tensor_errors(gen, master)
         logits = gen.logits(win)
         logp = jax.nn.log_softmax(jnp.asarray(logits[:, :-1]), axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.asarray(win[:, 1:, None]), axis=-1).mean()
