@@ -1,5 +1,5 @@
 """Which tiling of the int8 / int4 kernel (pallas_kernels/qmatmul.py) streams fastest: compute warpgroups x
-64-row accumulators per warpgroup x 128-input sub-steps per pipeline stage, over the 8B's layer matmuls at the
+64-row accumulators per warpgroup x 128-input sub-steps per pipeline stage, with or without prefetch, over the 8B's layer matmuls at the
 rows of AR decode (M=1) and of a 32-token chunk (M=32). Every case is also checked against the float32 oracle.
 Then the best tiling per format runs the issue's chain (34 layers of qkv, o, gate_up, down, plus the head).
 
@@ -28,7 +28,9 @@ from nemodiff_jax.pallas_kernels import qmatmul as qm
 sys.path.insert(0, str(Path(__file__).parent))
 import qmatmul_kernels as qk  # noqa: E402
 
-TILINGS = [(2, 1, 1), (4, 1, 1), (2, 2, 1), (2, 1, 2), (4, 1, 2), (2, 2, 2)]
+# (compute warpgroups, row tiles, K sub-steps, prefetch); the 4-warpgroup ones last (one never returned, 2026-12-02)
+TILINGS = [(2, 1, 1, 0), (2, 1, 1, 1), (2, 2, 1, 0), (2, 2, 1, 1), (2, 1, 2, 0), (2, 1, 2, 1), (2, 2, 2, 1),
+           (4, 1, 1, 0), (4, 1, 1, 1), (4, 1, 2, 1)]
 SHAPES = ["qkv", "o", "gate_up", "down"]
 
 
@@ -42,7 +44,8 @@ def one_tiling(tiling, ms):
             qs = qk.quantized(ws, fmt)
             for m in ms:
                 x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
-                cfg = qm.QMatmulConfig(*tiling)
+                wgs, rows, k_sub, prefetch = tiling
+                cfg = qm.QMatmulConfig(wgs, rows, k_sub, prefetch=bool(prefetch))
                 row = {"shape": name, "fmt": fmt, "M": m, "tiling": tiling}
                 try:
                     fn = jax.jit(lambda x, qs, cfg=cfg: sum(qm.qmatmul_pallas(x, q.q, q.scale, config=cfg)
@@ -63,7 +66,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="tiling.json")
     p.add_argument("--ms", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--one", nargs=3, type=int, default=None, help="(internal) run one tiling in this process")
+    p.add_argument("--one", nargs=4, type=int, default=None, help="(internal) run one tiling in this process")
     p.add_argument("--case-timeout", type=float, default=90)
     a = p.parse_args()
     if a.one:
@@ -110,12 +113,12 @@ def main():
     # The chain with the best tiling per format (M=1's choice for both row counts, as the default would be)
     chain = {}
     for fmt in quant.FORMATS:
-        wgs, rows, k_sub = best.get((fmt, a.ms[0]), (2, 1, 1))
-        qm.DEFAULT_TILING.update(compute_wgs=wgs, row_tiles=rows, k_sub=k_sub)
+        wgs, rows, k_sub, prefetch = best.get((fmt, a.ms[0]), (2, 1, 1, 0))
+        qm.DEFAULT_TILING.update(compute_wgs=wgs, row_tiles=rows, k_sub=k_sub, prefetch=bool(prefetch))
         sub = {}
         qk.chain(sub, a.ms, formats=(fmt,), impls=("pallas",), bf16=(fmt == quant.FORMATS[0]))
         chain.update(sub["chain"])
-        chain[f"{fmt}_tiling"] = [wgs, rows, k_sub]
+        chain[f"{fmt}_tiling"] = [wgs, rows, k_sub, prefetch]
         out["chain"] = chain
         Path(a.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(chain, indent=0))

@@ -51,13 +51,15 @@ BLOCK_K = SUB_K  # what K must be a multiple of
 @dataclasses.dataclass(frozen=True)
 class QMatmulConfig:
     """Static tuning (jit-static: frozen and hashable). A tile is compute_wgs x row_tiles x 64 output channels;
-    a pipeline stage k_sub x 128 inputs. None: the defaults measured best on an H200 (DEFAULT_TILING)."""
+    a pipeline stage k_sub x 128 inputs. None: DEFAULT_TILING, 2 x 1 x 1 without prefetch, the one tiling measured
+    on the GPU so far (docs/PERFORMANCE.md; benchmarks/qmatmul_tiling.py sweeps the others)."""
     compute_wgs: int | None = None  # 2 or 4 compute warpgroups
     row_tiles: int | None = None  # independent 64-row accumulators per warpgroup (wgmma chains in flight)
     k_sub: int | None = None  # 128-input sub-steps per pipeline stage (per barrier round trip)
     max_stages: int = 8  # SMEM ring depth (fewer where the budget asks)
     num_ctas: int | None = None  # CTAs of the stream-K split (all M tiles together); None: the device's SMs
     a_from_smem: bool = False  # dequantized tile via SMEM (forced under interpret; see module doc)
+    prefetch: bool | None = None  # convert the next step's tiles while this step's wgmmas run (not yet measured)
 
     def __post_init__(self):
         if self.max_stages < 2:
@@ -73,7 +75,7 @@ class QMatmulConfig:
             raise ValueError("a tile holds at most 256 output channels (one TMA box): compute_wgs x row_tiles <= 4")
 
 
-DEFAULT_TILING = dict(compute_wgs=2, row_tiles=1, k_sub=1)
+DEFAULT_TILING = dict(compute_wgs=2, row_tiles=1, k_sub=1, prefetch=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Plan:
     compute_wgs: int = 2
     row_tiles: int = 1
     k_sub: int = 1
+    prefetch: bool = False
 
     @property
     def block_n(self) -> int:
@@ -123,7 +126,8 @@ def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: 
               a_from_smem: bool = False) -> Plan:
     block_m = min(-(-m // 8) * 8, MAX_BLOCK_M)
     m_tiles = -(-m // block_m)
-    tiling = {name: getattr(config, name) or DEFAULT_TILING[name] for name in DEFAULT_TILING}
+    tiling = {name: DEFAULT_TILING[name] if getattr(config, name) is None else getattr(config, name)
+              for name in DEFAULT_TILING}
     wgs, rows, k_sub = tiling["compute_wgs"], tiling["row_tiles"], tiling["k_sub"]
     # Shrink the tile where N or K does not divide, or the SMEM ring would hold fewer than 2 stages (large M),
     # down to 2 warpgroups x 1 row tile x 128 inputs.
@@ -148,7 +152,7 @@ def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: 
     ctas = max(1, min((config.num_ctas or num_sms) // m_tiles, total))
     slots = max(cta_of((t + 1) * k_iters - 1, total, ctas) - cta_of(t * k_iters, total, ctas) + 1
                 for t in range(n_tiles))
-    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages, wgs, rows, k_sub)
+    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages, wgs, rows, k_sub, bool(tiling["prefetch"]))
 
 
 def _transforms(minor: int, dtype) -> tuple:
@@ -195,17 +199,24 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
             hi = jnp.minimum(end, (t + 1) * k_iters)
 
             def accumulate(*acc_refs):
-                def step(i, carry):
-                    slot = lax.rem(i - start, stages)
+                def load_tiles(slot):  # wait for the slot, then its weight tiles dequantized in registers
                     plgpu.barrier_wait(loaded.at[slot])
+                    ws = []
                     for j in range(k_sub):
-                        for r, rows in enumerate(tiles):
+                        for rows in tiles:
                             upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
                             w = plgpu.load(w_smem.at[slot, j, rows], layout=upcast)
                             w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
                             if int4:
                                 s = plgpu.load(s_smem.at[slot, j, rows], layout=plgpu.Layout.WGMMA.reduce(1))
                                 w = w * lax.broadcast_in_dim(s, w.shape, [0])
+                            ws.append(w)
+                    return ws
+
+                def mma(slot, ws):  # issue the wgmmas of one step (asynchronous unless via SMEM)
+                    for j in range(k_sub):
+                        for r in range(row_tiles):
+                            w = ws[j * row_tiles + r]
                             if a_from_smem:
                                 a_smem.at[wg][...] = w
                                 plgpu.commit_smem()
@@ -213,11 +224,29 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
                                 plgpu.wgmma_wait(0)  # a_smem is written again next
                             else:
                                 plgpu.wgmma(acc_refs[r], w, x_smem.at[slot, j].T)
+
+                def release(slot):
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(consumed.at[slot])
-                    return carry
 
-                lax.fori_loop(lo, hi, step, 0)
+                if plan.prefetch:  # the next step's tiles are loaded and converted while this step's wgmmas run
+                    def step(i, ws):
+                        slot = lax.rem(i - start, stages)
+                        mma(slot, ws)
+                        nxt = lax.rem(i + 1 - start, stages)
+                        ws = lax.cond(i + 1 < hi, lambda: load_tiles(nxt), lambda: ws)
+                        release(slot)
+                        return ws
+
+                    lax.fori_loop(lo, hi, step, load_tiles(lax.rem(lo - start, stages)))
+                else:
+                    def step(i, carry):
+                        slot = lax.rem(i - start, stages)
+                        mma(slot, load_tiles(slot))
+                        release(slot)
+                        return carry
+
+                    lax.fori_loop(lo, hi, step, 0)
                 return [a[...] for a in acc_refs]
 
             accs = pl.run_scoped(accumulate, *[plgpu.ACC((ROWS_PER_WG, bm), jnp.float32)] * row_tiles)

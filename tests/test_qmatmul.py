@@ -44,18 +44,23 @@ CASES = [("int8", 3, 256, 512, 3, (2, 1, 1)), ("int4", 3, 256, 512, 3, (2, 1, 1)
          ("int4", 130, 384, 384, 4, (2, 1, 1)), ("int8", 8, 768, 128, 2, (2, 1, 1)),
          ("int4", 1, 256, 256, 1, (2, 1, 1)),
          ("int8", 5, 1024, 1024, 5, (4, 1, 1)), ("int4", 33, 1024, 1024, 3, (2, 2, 2)),
-         ("int4", 9, 512, 768, 4, (4, 1, 2))]
+         ("int4", 9, 512, 768, 4, (4, 1, 2)),
+         # prefetch (the next step's tiles converted while this step's wgmmas run): the carry across steps and
+         # across a CTA's segments
+         ("int8", 3, 256, 512, 3, (2, 1, 1, True)), ("int4", 33, 1024, 1024, 3, (2, 2, 2, True)),
+         ("int8", 8, 768, 128, 2, (4, 1, 1, True))]
 
 
 @pytest.mark.parametrize("fmt, m, n, k, ctas, tiling", CASES)
 def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas, tiling):
     x, qw = _inputs(fmt, m, n, k)
-    wgs, rows, k_sub = tiling
-    config = qm.QMatmulConfig(wgs, rows, k_sub, num_ctas=ctas, max_stages=3)
+    wgs, rows, k_sub, prefetch = (*tiling, False)[:4]
+    config = qm.QMatmulConfig(wgs, rows, k_sub, num_ctas=ctas, max_stages=3, prefetch=prefetch)
     got = qm.qmatmul_pallas(x, qw.q, qw.scale, out_dtype=jnp.float32, config=config,
                             interpret=plgpu.InterpretGPUParams(detect_races=True))
     plan = qm.make_plan(m, n, k, fmt, config, qm.DEFAULT_NUM_SMS)
-    assert (plan.compute_wgs, plan.row_tiles) == (wgs, rows) and plan.k_sub == (k_sub if k % (128 * k_sub) == 0 else 1)
+    assert (plan.compute_wgs, plan.row_tiles, plan.prefetch) == (wgs, rows, prefetch)
+    assert plan.k_sub == (k_sub if k % (128 * k_sub) == 0 else 1)
     assert got.shape == (m, n)
     assert _rel(got, qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)) < 1e-5, plan
     assert _rel(got, quant.matmul_reference(x, qw, jnp.float32)) < 1e-5, plan
@@ -112,13 +117,15 @@ def test_path_table():
         quant.matmul(jnp.ones((1, 256), jnp.bfloat16), qw8, impl="triton")
 
 
-def test_compiled_path_lowers_for_cuda():
+@pytest.mark.parametrize("config", [qm.QMatmulConfig(), qm.QMatmulConfig(2, 2, 2, prefetch=True),
+                                    qm.QMatmulConfig(4, 1, 1)], ids=["default", "2x2x2-prefetch", "4x1x1"])
+def test_compiled_path_lowers_for_cuda(config):
     failures = []
     for fmt in quant.FORMATS:
         for m, n, k in [(1, 6144, 4096), (32, 4096, 14336), (100, 28672, 4096), (256, 4096, 4096)]:
             q = jax.ShapeDtypeStruct((n, k), quant.STORAGE[fmt])
             s = jax.ShapeDtypeStruct((n,) if fmt == "int8" else (k // 128, n), jnp.bfloat16)
-            fn = jax.jit(functools.partial(qm.qmatmul_pallas, config=qm.QMatmulConfig()))
+            fn = jax.jit(functools.partial(qm.qmatmul_pallas, config=config))
             try:
                 fn.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), q, s).lower(lowering_platforms=("cuda",))
             except Exception as e:  # noqa: BLE001 - collect every failing configuration
@@ -140,3 +147,18 @@ def test_gpu_kernel_matches_reference(fmt, m):
         want = qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)
         assert _rel(got, want) < 1e-5, (fmt, m, k, n)
         assert quant.choose_impl(DeviceInfo.of(), jnp.bfloat16, m, qw) == "pallas"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiling", [(2, 2, 1, False), (2, 1, 2, False), (2, 1, 1, True), (2, 2, 2, True)],
+                         ids=lambda t: "x".join(map(str, t[:3])) + ("-prefetch" if t[3] else ""))
+def test_gpu_tilings_match_reference(tiling):
+    """The other 2-warpgroup tilings on the GPU (4 warpgroups: benchmarks/qmatmul_tiling.py runs them under a
+    timeout; one never returned on 2026-12-02)."""
+    wgs, rows, k_sub, prefetch = tiling
+    config = qm.QMatmulConfig(wgs, rows, k_sub, prefetch=prefetch)
+    for fmt in quant.FORMATS:
+        for m in (1, 32):
+            x, qw = _inputs(fmt, m, 4096, 14336)
+            got = qm.qmatmul_pallas(x, qw.q, qw.scale, out_dtype=jnp.float32, config=config)
+            assert _rel(got, qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)) < 1e-5, (fmt, m)
