@@ -16,7 +16,7 @@ QUANTIZE_HELP = ("quantize the matmul weights as they load: int8 per channel, in
 
 def cmd_convert(args) -> int:
     from nemodiff_jax.convert.hf import save_hf
-    from nemodiff_jax.convert.orbax_io import save_orbax
+    from nemodiff_jax.convert.orbax_io import TOKENIZER_FILES, save_orbax
     from nemodiff_jax.generate import load
 
     gen = load(args.src, dtype=args.dtype, progress=True, quantize=args.quantize)
@@ -24,7 +24,9 @@ def cmd_convert(args) -> int:
         out = save_orbax(gen.model, args.dst, copy_from=args.src)
     else:
         max_bytes = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
-        out = save_hf(gen.model, args.dst, max_shard_bytes=max_bytes, progress=True)
+        extra = {name: (Path(args.src) / name).read_text() for name in TOKENIZER_FILES
+                 if (Path(args.src) / name).exists()}  # the tokenizer travels with the weights, as for orbax
+        out = save_hf(gen.model, args.dst, max_shard_bytes=max_bytes, progress=True, extra_files=extra)
     print(f"wrote {args.to} checkpoint to {out}")
     return 0
 

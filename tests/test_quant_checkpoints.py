@@ -56,9 +56,9 @@ def test_convert_quantize_round_trip(tmp_path, fmt, to):
     back bit for bit, with the same logits, in every format and container."""
     dst = tmp_path / "q"
     assert cli_main(["convert", str(default_model()), str(dst), "--to", to, "--quantize", fmt]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # copied by convert
+        assert (dst / name).read_bytes() == (ASSETS / name).read_bytes()
     if to == "hf":
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy(ASSETS / name, dst / name)
         cfg = json.loads((dst / "config.json").read_text())
         assert cfg["quantization_config"] == {"quant_method": "nemodiff", "format": fmt, "head_format": "int8",
                                               "group_size": 128}
@@ -171,3 +171,39 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
             else:  # [K/g, *out]: the groups go with the inputs
                 assert gate_up.scale.sharding.spec == P(None, None, "model")
                 assert down.scale.sharding.spec == P("model", None)
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("int4_ckpt") / "q"
+    assert cli_main(["convert", str(default_model()), str(d), "--to", "hf", "--quantize", "int4"]) == 0
+    return d
+
+
+def test_batch_job_and_server_on_a_quantized_checkpoint(int4_dir, tmp_path):
+    """`nemodiff batch` and `nemodiff serve` (a real server, the official openai client) on the int4 checkpoint
+    give what the quantized model gives offline, greedy, in every mode."""
+    from test_serve import Server
+
+    server = Server("--model", str(int4_dir), "--slots", "2", "--max-prompt-tokens", "64")
+    try:
+        gen = nemodiff_jax.load(int4_dir, dtype="float32", progress=False)
+        prompts = DEMO_PROMPTS[:2]
+        results = {m: gen.generate(prompts, mode=m, max_new_tokens=10) for m in MODES}
+        want = {m: [r.tokens for r in rs] for m, rs in results.items()}
+        lines = [json.dumps({"id": f"{m}{i}", "prompt": p, "mode": m, "max_new_tokens": 10})
+                 for m in MODES for i, p in enumerate(prompts)]
+        (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+        assert cli_main(["batch", "--model", str(int4_dir), "--dtype", "float32", "--input",
+                         str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--no-progress"]) == 0
+        got = {r["id"]: r["tokens"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+        assert got == {f"{m}{i}": want[m][i] for m in MODES for i in range(len(prompts))}
+        client = server.wait().client()
+        name = client.models.list().data[0].id
+        for m in MODES:
+            for i, p in enumerate(prompts):
+                r = client.completions.create(model=name, prompt=p, max_tokens=10, temperature=0.0,
+                                              extra_body={"mode": m})
+                assert r.choices[0].text == results[m][i].text, (m, i)
+    finally:
+        server.stop()
