@@ -43,7 +43,7 @@ from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
 from nemodiff_jax.decoding.common import RowSettings, initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
-from nemodiff_jax.sharding import cache_sharding, make_mesh, param_shardings
+from nemodiff_jax.sharding import cache_sharding, make_mesh, matmul_impl, param_shardings, shard_model
 
 MODES = ("ar", "diffusion", "linear_spec")
 FORMATS = ("bf16", *quant.FORMATS)  # weights as made (bf16) or quantized on the device (model.quantize_weights)
@@ -395,7 +395,13 @@ def make_model(cfg: Config, mesh=None, fmt: str = "bf16") -> Transformer:
             value = _drawer(shape, scale, sharding)(jax.random.key(i))
         var.set_value(value)
     model = nnx.merge(graphdef, state)
-    return model if fmt == "bf16" else quantize_weights(model, fmt)
+    if fmt != "bf16":
+        model = quantize_weights(model, fmt)
+        if mesh is not None:
+            model = shard_model(model, mesh)  # the quantized weights into their own shardings
+    if mesh is not None:
+        model.matmul_impl = matmul_impl(mesh)
+    return model
 
 
 @functools.lru_cache(maxsize=None)

@@ -51,10 +51,11 @@ class Generator:
                  mesh=None, attention: str = "auto"):
         self.mesh = mesh
         if mesh is not None:
-            from nemodiff_jax.sharding import shard_model
+            from nemodiff_jax.sharding import matmul_impl, shard_model
 
             model = shard_model(model, mesh)
-            model.matmul_impl = "xla"  # quantized matmuls: the reference, which the partitioner splits (quant.py)
+            if model.matmul_impl == "auto":  # quantized matmuls per device (kernel) or partitioned (reference)
+                model.matmul_impl = matmul_impl(mesh)
         self.model = model
         self.config: Config = model.config
         self.tokenizer = tokenizer

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemodiff_jax import quant, rope
+from nemodiff_jax import quant, rope, sharding
 from nemodiff_jax.attention import chunk_attention, sdpa
 from nemodiff_jax.cache import KVCache, write_chunk
 from nemodiff_jax.config import Config, Quantization
@@ -34,6 +34,8 @@ def _dense(subscripts: str, x: jax.Array, p: nnx.Param, impl: str, out_dtype=Non
     as quant's table picks for `impl`) for a quantized one."""
     w = p.get_value()
     if isinstance(w, quant.QWeight):
+        if isinstance(impl, sharding.ShardedMatmul):
+            return sharding.sharded_qmatmul(x, w, p.get_metadata()["logical_axes"], impl, out_dtype)
         return quant.matmul(x, w, out_dtype=out_dtype, impl=impl)
     return jnp.einsum(subscripts, x, w, preferred_element_type=out_dtype)
 
@@ -151,8 +153,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.bfloat16):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        # The path of quantized matmuls (quant.py's table): "auto", or "xla" (the reference) under a mesh, where
-        # the SPMD partitioner splits it (the kernel is one device's program). Static: part of the graphdef.
+        # The path of quantized matmuls: "auto" (quant.py's table) on one device; under a mesh
+        # sharding.matmul_impl's choice (a sharding.ShardedMatmul per device, or "xla" for the partitioner).
+        # Static: part of the graphdef.
         self.matmul_impl = "auto"
         # The untied embedding table is replicated, not split over vocab: a lookup then reads B*T local rows.
         # Split over vocab, XLA's GPU partitioner all-gathered the whole table every forward (measured at

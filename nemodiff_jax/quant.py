@@ -22,8 +22,8 @@ The Pallas kernel (pallas_kernels/qmatmul.py) computes the same thing without ma
 Which path runs (`why_not`, `choose_impl`): "pallas" on CUDA compute capability 9.x (wgmma + TMA) for
 bf16 activations, M = rows x chunk <= 256, N and K multiples of 128 and int4 groups of 128: the decode shapes;
 "xla" (the reference) everywhere else, including long prefills, where converting the weight once is cheap
-next to the matmul itself. Under a mesh the model takes "xla", which the SPMD partitioner splits like the bf16
-weights (sharding.py: the scales lie beside their channels).
+next to the matmul itself. Under a mesh, sharding.py runs this per device inside shard_map on GPUs
+(ShardedMatmul) and leaves the reference to the SPMD partitioner elsewhere; the scales lie beside their channels.
 """
 
 from __future__ import annotations

@@ -7,9 +7,12 @@ Attention is local per device because whole heads are sharded.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax import nnx
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nemodiff_jax import quant
@@ -94,3 +97,49 @@ def shard_model(model, mesh: Mesh):
         var.set_value(jax.device_put(var.get_value(), shardings[path]))
     nnx.update(model, state)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedMatmul:
+    """Quantized matmuls under a mesh as one device's program each (the Pallas kernel where quant's table picks
+    it), inside shard_map: the weight's own split decides; a split contraction (o, down) ends in a psum over
+    "model". `reference`: the XLA reference per device (CPU tests of the partitioning)."""
+
+    mesh: Mesh
+    reference: bool = False
+
+
+def matmul_impl(mesh: Mesh):
+    """The model's matmul_impl under `mesh`: per device where some device has the kernel's kind (CUDA), else
+    the XLA reference, which the SPMD partitioner splits by itself."""
+    return ShardedMatmul(mesh) if any(d.platform == "gpu" for d in mesh.devices.flat) else "xla"
+
+
+def sharded_qmatmul(x: jax.Array, qw: quant.QWeight, axes: tuple, impl: ShardedMatmul, out_dtype=None):
+    """x [..., *in] @ qw -> [..., *out] under impl.mesh (see ShardedMatmul); the GSPMD reference where the
+    scales would not split with their inputs."""
+    mesh = impl.mesh
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    specs = qweight_shardings(qw, axes, mesh)
+    q_spec, s_spec = tuple(specs.q.spec), tuple(specs.scale.spec)
+    q_spec += (None,) * (qw.q.ndim - len(q_spec))
+    s_spec += (None,) * (qw.scale.ndim - len(s_spec))
+    k_axis = q_spec[-1]
+    if qw.fmt == "int4" and s_spec[0] != k_axis:  # groups not split like the inputs: let the partitioner do it
+        return quant.matmul_reference(x, qw, out_dtype)
+    k = qw.kn[0]
+    lead = x.shape[:x.ndim - qw.in_dims]
+    xf = x.reshape(*lead, k)
+    rows = "data" if lead and lead[0] % mesh.shape["data"] == 0 else None
+    x_spec = P(rows, *([None] * (len(lead) - 1)), k_axis)
+    y_spec = P(rows, *([None] * (len(lead) - 1)), *q_spec[:-1])
+
+    def local(xl, ql, sl):
+        qwl = quant.QWeight(ql, sl, qw.fmt, (ql.shape[-1], *ql.shape[:-1]), 1, qw.group)
+        partial = k_axis is not None
+        y = quant.matmul(xl, qwl, out_dtype=jnp.float32 if partial else out_dtype,
+                         impl="xla" if impl.reference else "auto")
+        return jax.lax.psum(y, k_axis).astype(out_dtype) if partial else y
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, P(*q_spec), P(*s_spec)), out_specs=y_spec,
+                         check_vma=False)(xf, qw.q, qw.scale)

@@ -22,7 +22,7 @@ from nemodiff_jax.convert.safetensors_io import CheckpointError, write_file
 from nemodiff_jax.embedded import ASSETS, DEMO_PROMPTS, default_model
 from nemodiff_jax.generate import Generator
 from nemodiff_jax.model import Transformer, quantize_weights
-from nemodiff_jax.sharding import make_mesh
+from nemodiff_jax.sharding import ShardedMatmul, make_mesh
 
 # Every matmul dimension a multiple of 128 (int4 groups), heads that split over 2 model devices.
 CFG = Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -144,7 +144,8 @@ def _quantized(fmt):
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform (tests/conftest.py)")
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
-    """On (1, 2) and (2, 2) meshes every mode gives the single-device tokens; q and the scales are split over
+    """On (1, 2) and (2, 2) meshes every mode gives the single-device tokens, partitioned by XLA (the CPU's
+    choice) and per device in shard_map (the GPU's, with a psum for o and down); q and the scales are split over
     "model" with their channels (qkv by kv heads, gate_up by the MLP, o and down by their inputs); a quantized
     checkpoint streams straight into those shardings."""
     ref = Generator(_quantized(fmt))
@@ -154,8 +155,11 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / name, tmp_path / "q" / name)
     for shape in [(1, 2), (2, 2)]:
-        for g in (Generator(_quantized(fmt), mesh=make_mesh(*shape)),
-                  nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=make_mesh(*shape))):
+        mesh = make_mesh(*shape)
+        per_device = _quantized(fmt)  # shard_map with the reference per device: the kernel path's partitioning
+        per_device.matmul_impl = ShardedMatmul(mesh, reference=True)
+        for g in (Generator(_quantized(fmt), mesh=mesh), Generator(per_device, mesh=mesh),
+                  nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=mesh)):
             for m in MODES:
                 got = [r.tokens for r in g.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
                 assert got == want[m], (fmt, shape, m)
