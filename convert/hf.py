@@ -135,7 +135,7 @@ def checkpoint_tensors(model_dir: Path) -> dict[str, TensorInfo]:
 
 def effective_config(cfg: Config, names) -> Config:
     """The tied-head fallback applies only when the checkpoint really has no `diffusion_head.weight`."""
-    has_head = "diffusion_head.weight" in names
+    has_head = "diffusion_head.weight" in names or "diffusion_head.qweight" in names
     if cfg.tie_word_embeddings and has_head:
         return cfg.replace(tie_word_embeddings=False)
     return cfg

@@ -51,10 +51,11 @@ class Generator:
                  mesh=None, attention: str = "auto"):
         self.mesh = mesh
         if mesh is not None:
-            from nemodiff_jax.sharding import matmul_impl, shard_model
+            from nemodiff_jax.sharding import ShardedMatmul, matmul_impl, shard_model
 
             model = shard_model(model, mesh)
-            if model.matmul_impl == "auto":  # quantized matmuls per device (kernel) or partitioned (reference)
+            kept = isinstance(model.matmul_impl, ShardedMatmul) and model.matmul_impl.mesh == mesh
+            if not kept:  # quantized matmuls per device (kernel) or partitioned (reference), for this mesh
                 model.matmul_impl = matmul_impl(mesh)
         self.model = model
         self.config: Config = model.config

@@ -53,8 +53,12 @@ def quantize_weights(model: Transformer, fmt: str) -> Transformer:
         raise ValueError(f"quantize must be one of {quant.FORMATS}, got {fmt!r}")
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = path[-1]
-        if name in QUANTIZABLE and not isinstance(var.get_value(), quant.QWeight):
-            f = HEAD_FORMAT if name == "diffusion_head" else fmt
+        f = HEAD_FORMAT if name == "diffusion_head" else fmt
+        if name in QUANTIZABLE and isinstance(var.get_value(), quant.QWeight):
+            if var.get_value().fmt != f:
+                raise ValueError(f"{'/'.join(map(str, path))} is already quantized to {var.get_value().fmt}; "
+                                 f"it cannot become {f} (quantize the 16-bit weights)")
+        elif name in QUANTIZABLE:
             w = var.get_value()
             quant.check_quantizable(w.shape, f, QUANTIZABLE[name], name="/".join(map(str, path)))
             var.set_value(_quantizer(f, QUANTIZABLE[name])(w))

@@ -7,7 +7,7 @@ per-channel scale [N], or int4 with group-128 scales [K/128, N]) -> [M, N], f32 
 Kernel design
 - Swap AB: the weight is wgmma's A operand and x^T its B, so the output channels fill wgmma's M (64 per
   compute warpgroup, 2 warpgroups = 128 channels per tile) and the few rows of x its N (8..128, a multiple of 8;
-  M > 128 takes several M tiles). One weight tile [128, 128] per step goes GMEM -> SMEM by TMA, then each
+  M > 128 takes several balanced M tiles). One weight tile [128, 128] per step goes GMEM -> SMEM by TMA, then each
   warpgroup loads its 64 rows into registers in the upcast layout, converts them to bf16 (Mosaic GPU's
   prmt/lop3 sequences, not per-element cvt), multiplies int4 tiles by their group's scales (one bf16 per
   row: a 128-input step is one group), and issues wgmma with A from registers and B = the x tile in SMEM
@@ -124,8 +124,8 @@ def stage_bytes(fmt: str, block_m: int, block_n: int, block_k: int) -> int:
 
 def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: int,
               a_from_smem: bool = False) -> Plan:
-    block_m = min(-(-m // 8) * 8, MAX_BLOCK_M)
-    m_tiles = -(-m // block_m)
+    m_tiles = -(-m // MAX_BLOCK_M)
+    block_m = -(-(-(-m // m_tiles)) // 8) * 8  # balanced M tiles (each streams the whole weight), rounded to 8
     tiling = {name: DEFAULT_TILING[name] if getattr(config, name) is None else getattr(config, name)
               for name in DEFAULT_TILING}
     wgs, rows, k_sub = tiling["compute_wgs"], tiling["row_tiles"], tiling["k_sub"]

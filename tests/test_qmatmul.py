@@ -48,7 +48,9 @@ CASES = [("int8", 3, 256, 512, 3, (2, 1, 1)), ("int4", 3, 256, 512, 3, (2, 1, 1)
          # prefetch (the next step's tiles converted while this step's wgmmas run): the carry across steps and
          # across a CTA's segments
          ("int8", 3, 256, 512, 3, (2, 1, 1, True)), ("int4", 33, 1024, 1024, 3, (2, 2, 2, True)),
-         ("int8", 8, 768, 128, 2, (4, 1, 1, True))]
+         ("int8", 8, 768, 128, 2, (4, 1, 1, True)),
+         # M = 130: two balanced M tiles of 72 rows; one N tile split over 5 CTAs
+         ("int8", 130, 256, 256, 2, (2, 1, 1)), ("int4", 1, 128, 1024, 5, (2, 1, 1, True))]
 
 
 @pytest.mark.parametrize("fmt, m, n, k, ctas, tiling", CASES)
@@ -70,7 +72,6 @@ def test_stream_k_schedule_covers_every_step_once():
     for n_tiles, k_iters, ctas in [(48, 32, 132), (32, 112, 132), (1024, 32, 132), (3, 3, 5), (6, 1, 2), (1, 4, 4)]:
         total = n_tiles * k_iters
         g = min(ctas, total)
-        plan = qm.Plan(8, 1, n_tiles, k_iters, g, 0, 2)
         owners = [qm.cta_of(i, total, g) for i in range(total)]
         starts = [c * total // g for c in range(g)]
         assert owners == sorted(owners) and all(owners[s] == c for c, s in enumerate(starts))

@@ -211,3 +211,35 @@ def test_batch_job_and_server_on_a_quantized_checkpoint(int4_dir, tmp_path):
                 assert r.choices[0].text == results[m][i].text, (m, i)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_saved_tensors_are_each_hf_tensor_quantized_alone(tmp_path, fmt):
+    """An independent check of the block placement in the fused qkv / gate_up weights: every `.qweight` /
+    `.scales` written is exactly quant.quantize of that one HF tensor (the 16-bit export of the same float32
+    model), not merely what the reader puts back."""
+    from nemodiff_jax.convert.hf import model_tensors_hf
+
+    master = Transformer(CFG, rngs=nnx.Rngs(1), dtype=jnp.float32)
+    plain = model_tensors_hf(master)
+    save_hf(quantize_weights(nnx.clone(master), fmt), tmp_path / "q")
+    saved = read_hf_tensors(tmp_path / "q")
+    checked = 0
+    for name, w in plain.items():
+        stem = name.removesuffix(".weight")
+        if stem + ".qweight" not in saved:
+            continue
+        f = "int8" if stem == "diffusion_head" else fmt
+        want = quant.quantize(jnp.asarray(w).T, f)  # HF [out, in] -> the logical [in, out]
+        q = quant.pack_int4(want.q) if f == "int4" else want.q
+        np.testing.assert_array_equal(saved[stem + ".qweight"], np.asarray(q), err_msg=name)
+        np.testing.assert_array_equal(saved[stem + ".scales"], np.asarray(want.scale), err_msg=name)
+        checked += 1
+    assert checked == 7 * CFG.num_layers + 1  # q, k, v, o, gate, up, down per layer, and the head
+
+
+def test_requantizing_to_another_format_is_an_error():
+    m = _quantized("int8")
+    with pytest.raises(ValueError, match="already quantized to int8; it cannot become int4"):
+        quantize_weights(m, "int4")
+    assert quantize_weights(m, "int8").config.quantization.format == "int8"  # the same format: a no-op
