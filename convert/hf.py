@@ -258,23 +258,20 @@ def _quantized_buffers(cfg: Config, pc: Piece, var) -> _QBuffers:
     name = pc.path[-1]
     fmt, in_dims, group = cfg.quantization.fmt(name), QUANTIZABLE[name], cfg.quantization.group_size
     shapes = quant.storage_shapes(fmt, tuple(var.shape), in_dims, group)
-    q_shape = shapes["q"] if fmt == "int8" else shapes["q"][:-1] + (shapes["q"][-1] // 2,)
-    return _QBuffers(np.empty(q_shape, np.int8 if fmt == "int8" else np.uint8),
+    q = quant.stored_q(fmt, shapes["q"])
+    return _QBuffers(np.empty(q.shape, q.dtype),
                      np.empty(shapes["scale"], DTYPES["BF16"]), fmt, tuple(var.shape), in_dims,
                      group if fmt == "int4" else 0)
 
 
 def _fill_quantized(bufs: _QBuffers, role: str, arr: np.ndarray, pc: Piece):
+    """One piece's tensor into its block of the out dims: qweight [rows, K or K/2], scales [rows] (int8) or
+    [K/group, rows] (int4: the out dims come after the groups)."""
     block = _qblock(pc)
-    if role == "qweight":  # [rows, K or K/2] -> the block's out dims
-        target = bufs.q[block]
-        target[...] = arr.reshape(target.shape)
-    elif bufs.fmt == "int8":  # scales [rows]
-        target = bufs.scale[block]
-        target[...] = arr.reshape(target.shape)
-    else:  # scales [K/group, rows]
-        target = bufs.scale[(slice(None),) + block]
-        target[...] = arr.reshape(target.shape)
+    if role == "scales" and bufs.fmt == "int4":
+        block = (slice(None),) + block
+    target = (bufs.q if role == "qweight" else bufs.scale)[block]
+    target[...] = arr.reshape(target.shape)
 
 
 def _to_device(value, sharding):
@@ -283,8 +280,8 @@ def _to_device(value, sharding):
     put = lambda a, s: jax.device_put(a, s) if s is not None else jnp.asarray(a)
     sq, ss = (sharding.q, sharding.scale) if sharding is not None else (None, None)
     q = put(value.q, sq)
-    if value.fmt == "int4":  # the packed bytes are the int4 array's own bytes (quant.unpack_int4: a bitcast)
-        q = jax.jit(quant.unpack_int4, out_shardings=sq)(q) if sq is not None else quant.unpack_int4(q)
+    if value.fmt == "int4":  # the packed bytes are the int4 array's own bytes (a bitcast), kept in q's sharding
+        q = jax.jit(quant.from_stored, static_argnums=1, out_shardings=sq)(q, "int4")
     return quant.QWeight(q, put(value.scale, ss), value.fmt, value.shape, value.in_dims, value.group)
 
 
@@ -298,8 +295,8 @@ def model_tensors_hf(model: Transformer) -> dict[str, np.ndarray]:
         value = params[pc.path].get_value()
         if pc.path not in host:
             if isinstance(value, quant.QWeight):
-                q = quant.pack_int4(value.q) if value.fmt == "int4" else value.q
-                host[pc.path] = (np.asarray(jax.device_get(q)), np.asarray(jax.device_get(value.scale)))
+                host[pc.path] = (np.asarray(jax.device_get(quant.to_stored(value))),
+                                 np.asarray(jax.device_get(value.scale)))
             else:
                 host[pc.path] = np.asarray(jax.device_get(value))
         if not isinstance(value, quant.QWeight):

@@ -59,7 +59,7 @@ def _stored(x):
     """A parameter as saved: arrays as they are, a QWeight as {"q", "scale"} (int4 packed into uint8)."""
     if not _is_q(x):
         return x
-    return {"q": quant.pack_int4(x.q) if x.fmt == "int4" else x.q, "scale": x.scale}
+    return {"q": quant.to_stored(x), "scale": x.scale}
 
 
 def _marker(path: Path) -> dict:
@@ -90,9 +90,8 @@ def load_orbax(path: str | Path, dtype=None, shardings: dict | None = None) -> T
         sharding = (shardings or {}).get(key)
         if not _is_q(leaf):
             return jax.ShapeDtypeStruct(leaf.shape, saved_dtype, sharding=sharding)
-        q_shape = leaf.q.shape if leaf.fmt == "int8" else leaf.q.shape[:-1] + (leaf.q.shape[-1] // 2,)
-        return {"q": jax.ShapeDtypeStruct(q_shape, jnp.int8 if leaf.fmt == "int8" else jnp.uint8,
-                                          sharding=sharding.q if sharding is not None else None),
+        q = quant.stored_q(leaf.fmt, leaf.q.shape)
+        return {"q": jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=sharding.q if sharding is not None else None),
                 "scale": jax.ShapeDtypeStruct(leaf.scale.shape, jnp.bfloat16,
                                               sharding=sharding.scale if sharding is not None else None)}
 
@@ -104,8 +103,8 @@ def load_orbax(path: str | Path, dtype=None, shardings: dict | None = None) -> T
     def loaded(like, value):
         if not _is_q(like):
             return value.astype(load_dtype) if load_dtype != saved_dtype else value
-        q = quant.unpack_int4(value["q"]) if like.fmt == "int4" else value["q"]
-        return quant.QWeight(q, value["scale"], like.fmt, like.shape, like.in_dims, like.group)
+        return quant.QWeight(quant.from_stored(value["q"], like.fmt), value["scale"], like.fmt, like.shape,
+                             like.in_dims, like.group)
 
     restored = jax.tree.map(loaded, abstract_q, restored, is_leaf=_is_q)
     nnx.replace_by_pure_dict(abstract_state, restored)

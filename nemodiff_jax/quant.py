@@ -83,8 +83,26 @@ def storage_shapes(fmt: str, shape: tuple[int, ...], in_dims: int, group: int = 
 def abstract(shape: tuple[int, ...], fmt: str, in_dims: int, group: int = DEFAULT_GROUP) -> QWeight:
     """A QWeight of ShapeDtypeStructs: the structure a checkpoint of this weight restores into."""
     shapes = storage_shapes(fmt, shape, in_dims, group)
-    return QWeight(jax.ShapeDtypeStruct(shapes["q"], STORAGE[fmt]), jax.ShapeDtypeStruct(shapes["scale"], jnp.bfloat16),
-                   fmt, tuple(shape), in_dims, group if fmt == "int4" else 0)
+    return QWeight(jax.ShapeDtypeStruct(shapes["q"], STORAGE[fmt]),
+                   jax.ShapeDtypeStruct(shapes["scale"], jnp.bfloat16), fmt, tuple(shape), in_dims,
+                   group if fmt == "int4" else 0)
+
+
+def stored_q(fmt: str, q_shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    """q as checkpoints hold it (safetensors and orbax): int8 as it is, int4 packed, uint8 [..., K/2]."""
+    if fmt == "int8":
+        return jax.ShapeDtypeStruct(tuple(q_shape), jnp.int8)
+    return jax.ShapeDtypeStruct(tuple(q_shape[:-1]) + (q_shape[-1] // 2,), jnp.uint8)
+
+
+def to_stored(qw: QWeight) -> jax.Array:
+    """qw.q as checkpoints hold it (stored_q)."""
+    return pack_int4(qw.q) if qw.fmt == "int4" else qw.q
+
+
+def from_stored(q: jax.Array, fmt: str) -> jax.Array:
+    """The inverse of to_stored: for int4 a bitcast of the same bytes."""
+    return unpack_int4(q) if fmt == "int4" else q
 
 
 def pack_int4(v: jax.Array) -> jax.Array:

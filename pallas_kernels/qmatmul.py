@@ -38,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nemodiff_jax.pallas_kernels.copy import DEFAULT_NUM_SMS, num_sms
+
 ROWS_PER_WG = 64  # wgmma M: output channels per row tile
 SUB_K = 128  # inputs per wgmma chain (= the int4 group); a pipeline stage holds `k_sub` of them
 MAX_BLOCK_M = 128  # rows of x per M tile (wgmma N)
 SMEM_BUDGET = 200 * 1024
 REGISTERS = 65536  # per SM
-DEFAULT_NUM_SMS = 132
 BLOCK_N = 128  # what N must be a multiple of (the smallest tile: 2 warpgroups x 1 row tile)
 BLOCK_K = SUB_K  # what K must be a multiple of
 
@@ -122,7 +123,7 @@ def stage_bytes(fmt: str, block_m: int, block_n: int, block_k: int) -> int:
     return w + block_m * block_k * 2 + (block_n * 2 * (block_k // SUB_K) if fmt == "int4" else 0)
 
 
-def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: int,
+def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, sms: int,
               a_from_smem: bool = False) -> Plan:
     m_tiles = -(-m // MAX_BLOCK_M)
     block_m = -(-(-(-m // m_tiles)) // 8) * 8  # balanced M tiles (each streams the whole weight), rounded to 8
@@ -149,7 +150,7 @@ def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, num_sms: 
                          f"stages in {SMEM_BUDGET} B of SMEM")
     n_tiles, k_iters = n // block_n, k // block_k
     total = n_tiles * k_iters
-    ctas = max(1, min((config.num_ctas or num_sms) // m_tiles, total))
+    ctas = max(1, min((config.num_ctas or sms) // m_tiles, total))
     slots = max(cta_of((t + 1) * k_iters - 1, total, ctas) - cta_of(t * k_iters, total, ctas) + 1
                 for t in range(n_tiles))
     return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages, wgs, rows, k_sub, bool(tiling["prefetch"]))
@@ -290,12 +291,6 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
         @pl.loop(jnp.maximum(steps - stages, 0), steps)
         def _drain(j):
             plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
-
-
-def num_sms(device=None) -> int:
-    device = device if device is not None else jax.devices()[0]
-    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
-    return int(count) if count else DEFAULT_NUM_SMS
 
 
 def check_inputs(x, q, scale, interpret: bool = False) -> str:
