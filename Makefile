@@ -45,9 +45,9 @@ $(STAMP): pyproject.toml $(LOCKS)
 run: $(STAMP)
 	$(PY) -m nemodiff_jax.cli demo
 
-# Two worker processes, whole files each: the suite takes about half the wall time on 2 cores, and no single
-# process accumulates every compiled program (two single-process runs of the full suite crashed inside XLA's
-# CPU compiler, in libgcc's unwinder, on 2026-12-02; split over two processes it passed).
+# Two worker processes, whole files each: the suite takes about half the wall time on 2 cores. (The crashes
+# inside XLA's CPU compiler seen in 2026-12-02's runs were the process running out of memory mappings; the
+# suite now frees each module's compiled programs: tests/conftest.py.)
 PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -223,6 +223,16 @@ def _build_programs(graphdef, step_fn, opts: Options) -> Programs:
                     step=jax.jit(step, donate_argnums=(1,)))
 
 
+def clear_programs() -> None:
+    """Forgets every built program, so that their compiled executables can be freed (with jax.clear_caches()).
+
+    Each program keeps its compiled variants alive, and on the CPU each executable holds its JIT code in
+    memory mappings of its own: a process that builds programs for many models (the test suite: ~5k mappings
+    per test module) reaches the kernel's vm.max_map_count (65530), after which XLA's allocations fail inside
+    compiles (seen as segfaults and aborts in libgcc's unwinder). A server of one model builds a bounded set."""
+    _PROGRAMS.clear()
+
+
 def compiled_programs() -> int:
     """Compiled admit/segment/step variants over every program built so far (tests count compiles)."""
     return sum(p.compiled() for p in list(_PROGRAMS.values()))

@@ -5,6 +5,39 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
+import pytest
+
+
+def _memory_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each test module, free what it compiled. XLA:CPU keeps every compiled executable's JIT code in
+    memory mappings of its own (~5k per module of this suite); kept for the whole session they reach the
+    kernel's vm.max_map_count (65530), and then allocations inside XLA's compiler fail: the suite died in
+    libgcc's unwinder (segfaults, aborts) at ~65.4k mappings (a core dump of 2026-12-07). A module that still
+    leaves more than a quarter of the limit behind fails here, by name, instead of crashing a later one."""
+    yield
+    import gc
+
+    import jax
+
+    from nemodiff_jax import slots
+
+    slots.clear_programs()
+    jax.clear_caches()
+    gc.collect()
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        left = _memory_mappings()
+        assert left < limit // 4, (f"{left} memory mappings remain after this module's compiled programs were "
+                                   f"freed (vm.max_map_count {limit}): something keeps executables alive")
+
+
 def tiny_model_with_tokenizer(directory, seed: int):
     """A random tiny NLD model (float32, vocab 8192) saved in HF format with the shipped tokenizer files."""
     import shutil
