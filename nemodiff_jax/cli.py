@@ -1,4 +1,5 @@
-"""`nemodiff` command line: convert, generate, demo (the `make run` job), batch and bench (the `make bench` job)."""
+"""`nemodiff` command line: convert, generate, demo (the `make run` job), batch, serve, train and bench (the
+`make bench` job)."""
 
 from __future__ import annotations
 
@@ -113,9 +114,10 @@ def cmd_demo(args) -> int:
     print(f"\nmodel: {path}  batch {len(prompts)}  max_new_tokens {args.max_new_tokens}  dtype {args.dtype}")
     print(f"device: {device}  attention: {chunk_path} (a {gen.config.block_size}-token chunk)")
     print(f"{'mode':<12} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8} {'acc/round':>10} {'steps/blk':>10}")
-    for r in rows:
+    for r in rows:  # a statistic a mode does not have is "-"
+        acc, steps = (f"{r[k]:.2f}" if k in r else "-" for k in ("accepted/round", "steps/block"))
         print(f"{r['mode']:<12} {r['tokens']:>7} {r['tokens/forward']:>8.2f} {r['batch tok/s']:>8.1f} "
-              f"{r.get('accepted/round', float('nan')):>10.2f} {r.get('steps/block', float('nan')):>10.2f}")
+              f"{acc:>10} {steps:>10}")
     print(f"greedy linear_spec == greedy ar: {ls_tokens == ar_tokens}")
     return 0 if ls_tokens == ar_tokens else 1
 
@@ -182,6 +184,101 @@ def cmd_serve(args) -> int:
     serve.run(gen, name, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
               log_level=args.log_level, warmup=args.warmup, slots=args.slots,
               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser, *, train: Path | None = None, val: Path | None = None,
+                        out: Path | None = None) -> None:
+    """`nemodiff train`'s flags, one per trainer.TrainJob field (scripts/train_tiny.py adds the same ones with
+    its repository paths as defaults). Unset values are None: TrainJob's (or its preset's) default applies."""
+    p.add_argument("--preset", default="default",
+                   help="model geometry and schedule (nemodiff_jax/trainer.py PRESETS: default = the embedded "
+                        "model's recipe, micro = a CPU smoke run, code); the flags below override it")
+    p.add_argument("--train", type=Path, default=train, help="training text (documents split by 4 newlines)")
+    p.add_argument("--val", type=Path, default=val, help="validation text")
+    p.add_argument("--out", type=Path, default=out, help="HF export directory")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="directory with tokenizer.json (+ tokenizer_config.json, chat template); it sets the vocab "
+                        "and special ids and is copied into the export (default: the package's tokenizer)")
+    p.add_argument("--work-dir", type=Path, help="checkpoints, the live log and summary (default: <out>.work)")
+    geometry = p.add_argument_group("model geometry (default: the preset's)")
+    for flag in ("--hidden", "--layers", "--heads", "--kv-heads", "--head-dim", "--intermediate"):
+        geometry.add_argument(flag, type=int)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's; with --minutes: as many "
+                                             "as fit, measured after warm-up)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget from start to export")
+    p.add_argument("--batch", type=int, help="global batch (rows), sharded over the devices")
+    p.add_argument("--seq-len", type=int, help="tokens per row (one half of the doubled sequence)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--alpha", type=float, help="L = L_AR + alpha L_diff (default 0.3)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decay of the matrices (default 0.1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--devices", type=int, metavar="N", help="data parallel over the first N devices (default: all)")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--val-rows", type=int, help="cap on validation rows (0: the whole val split)")
+    p.add_argument("--no-eos", action="store_true", help="do not put EOS between documents")
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="forward/backward dtype (params stay fp32); auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--export", choices=["best", "final"],
+                   help="export the params of the best validation loss (default) or of the last step")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the latest checkpoint in <work-dir>/ckpt (if there is one)")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="end after STEP as a kill would (no checkpoint of its own, no export; the horizon stays); "
+                        "--resume then continues from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
+    p.add_argument("--sample-prompt", help="prompt of the greedy AR sample from the export (default 'ROMEO:\\n')")
+    p.add_argument("--sample-tokens", type=int, help="tokens of that sample (default 48; 0: none)")
+
+
+def train_job_from_args(args):
+    """The trainer.TrainJob that add_train_arguments' flags describe."""
+    from nemodiff_jax.trainer import TrainJob
+
+    missing = [f"--{name}" for name in ("train", "val", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required")
+    fields = {name: getattr(args, name) for name in (
+        "train", "val", "out", "preset", "tokenizer", "work_dir", "hidden", "layers", "heads", "kv_heads",
+        "head_dim", "intermediate", "steps", "minutes", "batch", "seq_len", "lr", "warmup", "alpha",
+        "weight_decay", "seed", "devices", "eval_every", "ckpt_every", "log_every", "val_rows", "compute_dtype",
+        "export", "stop_after", "sample_prompt", "sample_tokens")}
+    return TrainJob(**{k: v for k, v in fields.items() if v is not None}, resume=args.resume,
+                    progress=not args.no_progress, eos_between_docs=not args.no_eos)
+
+
+def drafter_job_from_args(args):
+    """The drafter.DrafterJob of `nemodiff train --drafter`: the shared flags (--train, --out, --work-dir,
+    --steps, --batch, --seq-len, --lr, --warmup, --seed, --no-progress) mean the same for the adapter."""
+    from nemodiff_jax.drafter import DrafterJob
+
+    if args.model is None or args.train is None:
+        raise ValueError("--drafter needs --model (the model to draft for) and --train (the prompts' text)")
+    fields = {"model": args.model, "train": args.train, "out": args.out, "work_dir": args.work_dir,
+              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+              "warmup": args.warmup, "seed": args.seed, "rank": args.rank, "alpha": args.lora_alpha,
+              "rollouts": args.rollouts, "prompt_min": args.prompt_min, "prompt_max": args.prompt_max,
+              "dtype": args.dtype}
+    return DrafterJob(**{k: v for k, v in fields.items() if v is not None}, progress=not args.no_progress)
+
+
+def cmd_train(args) -> int:
+    """Train an NLD model from text (nemodiff_jax/trainer.py) and export it in NLD HF format, or with
+    --drafter its linear-spec drafter LoRA (nemodiff_jax/drafter.py) into <model>/linear_spec_lora."""
+    if args.drafter:
+        from nemodiff_jax import drafter
+
+        summary = drafter.run(drafter_job_from_args(args))
+        print(f"drafter saved to {summary['out']}: held-out draft loss {summary['before']['val_loss']:.3f} -> "
+              f"{summary['after']['val_loss']:.3f}, accuracy {summary['before']['val_acc']:.3f} -> "
+              f"{summary['after']['val_acc']:.3f} (slot 1: {summary['after']['val_acc_slot1']:.3f})")
+        return 0
+    from nemodiff_jax import trainer
+
+    trainer.run(train_job_from_args(args))
     return 0
 
 
@@ -283,6 +380,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "to keep the compiles across restarts")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(fn=cmd_serve)
+
+    tr = sub.add_parser("train", help="train an NLD model from text (joint AR + diffusion) and export it as HF",
+                        description="Trains with the joint AR + block-diffusion objective (nemodiff_jax/trainer.py): "
+                                    "evaluation, best-params export, exact-resume checkpoints, a JSONL log "
+                                    "(<work-dir>/log.jsonl, copied into the export as train_log.jsonl).")
+    add_train_arguments(tr)
+    dr = tr.add_argument_group("--drafter: train the linear_spec drafter LoRA of --model by self-distillation "
+                               "(nemodiff_jax/drafter.py); it is saved to --out (default <model>/linear_spec_lora, "
+                               "which load() attaches by default)")
+    dr.add_argument("--drafter", action="store_true", help="train the drafter instead of a model")
+    dr.add_argument("--model", type=Path, help="the HF model directory the drafter drafts for")
+    dr.add_argument("--rollouts", type=int, help="prompts rolled out greedily for the targets (default 512)")
+    dr.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    dr.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32)")
+    dr.add_argument("--prompt-min", type=int, help="shortest rollout prompt (default 16 tokens)")
+    dr.add_argument("--prompt-max", type=int, help="longest rollout prompt (default 128 tokens)")
+    dr.add_argument("--dtype", choices=("float32", "bfloat16"), help="rollout and training dtype (default float32)")
+    tr.set_defaults(fn=cmd_train)
 
     from nemodiff_jax.config import PRESETS
 

@@ -17,7 +17,7 @@ from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import diffusion
 from nemodiff_jax.decoding.common import MAX_STOP_IDS, Options, State
-from nemodiff_jax.lora import LoRA, load_lora
+from nemodiff_jax.lora import ADAPTER_CONFIG, DRAFTER_DIR, LoRA, load_lora
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.quant import FORMATS as QUANT_FORMATS
 from nemodiff_jax.sampling import Sampling
@@ -349,9 +349,13 @@ def _logits_fn(graphdef, params, tokens, causal, attn_impl):
     return logits
 
 
-def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None = None, progress: bool = True,
+def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | bool | None = None, progress: bool = True,
          mesh=None, attention: str = "auto", quantize: str | None = None) -> Generator:
     """Loads an HF NLD directory (config.json + safetensors) or a nemodiff orbax directory.
+
+    `drafter`: the linear-spec drafter LoRA (a PEFT directory) used by default in draft passes. None attaches
+    `<path>/linear_spec_lora` when the model directory has one (`nemodiff train --drafter` writes it there),
+    False attaches none, a path attaches that adapter.
 
     `mesh` (see sharding.make_mesh): weights stream straight into their shardings (tensor parallel over
     "model"), batches are split over "data". `attention`: "auto" (the fastest path this device runs, per
@@ -390,6 +394,8 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | None =
     if quantize is not None and stored is None:
         model = quantize_weights(model, quantize)  # on the weights' devices; Generator re-shards under a mesh
     gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh, attention=attention)
-    if drafter is not None:
+    if drafter is None and (path / DRAFTER_DIR / ADAPTER_CONFIG).is_file():
+        drafter = path / DRAFTER_DIR
+    if drafter is not None and drafter is not False:
         gen.attach_drafter(drafter)
     return gen

@@ -1,6 +1,8 @@
 """The linear-spec drafter LoRA: PEFT adapter on `o_proj` only, active in draft passes only (spec §3.7).
 
 Effective o_proj while drafting: W_o + (alpha / r) * B @ A. Stored here as a [N,H,r], b [r,D] per layer.
+`gate` ([B, T] or None) limits the adapter to some positions: drafter training (nemodiff_jax/drafter.py) runs
+one forward over `[draft blocks | clean text]` with the adapter on the draft half only, as inference does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from nemodiff_jax.config import Config
 
 ADAPTER_CONFIG = "adapter_config.json"
+DRAFTER_DIR = "linear_spec_lora"  # the drafter's directory inside a model directory (load() attaches it)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NAME = re.compile(r"base_model\.model\.encoder\.layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])\.weight")
 
@@ -27,6 +30,7 @@ class LoRA:
     a: tuple[jax.Array, ...]  # per layer [N, H, r]
     b: tuple[jax.Array, ...]  # per layer [r, D]
     scale: float = dataclasses.field(metadata=dict(static=True))
+    gate: jax.Array | None = None  # [B, T]: the adapter's weight per position (None: everywhere)
 
     @property
     def rank(self) -> int:

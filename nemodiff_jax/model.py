@@ -118,8 +118,10 @@ class Attention(nnx.Module):
         y = _dense("btnh,nhd->btd", out, self.o_proj, matmul_impl)
         if lora is not None:  # drafter LoRA on o_proj: y += scale * (out A) B
             a, b = lora.a[layer], lora.b[layer]
-            y = y + (jnp.einsum("btnh,nhr,rd->btd", out, a.astype(out.dtype), b.astype(out.dtype))
-                     * lora.scale).astype(y.dtype)
+            delta = jnp.einsum("btnh,nhr,rd->btd", out, a.astype(out.dtype), b.astype(out.dtype)) * lora.scale
+            if lora.gate is not None:
+                delta = delta * lora.gate[:, :, None].astype(delta.dtype)
+            y = y + delta.astype(y.dtype)
         return y, cache
 
 
