@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the code model of issue 15 end to end and evaluates it: model, drafter, the per-mode table.
+#
+#   bash scripts/build_code_model.sh OUT_DIR [MINUTES]
+#
+# Needs data/code/ and out/code_tokenizer/ from `python scripts/code_corpus.py --out out/code_tokenizer
+# --data-out data/code` (made here on CPython 3.12.1: on the GPU machine carry both, so the corpus is the one
+# the manifest lists rather than that machine's stdlib). MINUTES is the model's training budget (default 8;
+# `nemodiff train --minutes` fits the cosine horizon to it). Logs and JSON go to OUT_DIR; the model to
+# OUT_DIR/code (with OUT_DIR/code/linear_spec_lora), ready to copy into nemodiff_jax/assets.
+set -euo pipefail
+out=${1:?usage: build_code_model.sh OUT_DIR [MINUTES]}
+minutes=${2:-8}
+py=${PYTHON:-python3}
+for need in data/code/train.txt data/code/val.txt out/code_tokenizer/tokenizer.json; do
+  [ -f "$need" ] || { echo "missing $need: run scripts/code_corpus.py first" >&2; exit 2; }
+done
+mkdir -p "$out"
+$py -P -m nemodiff_jax.cli train --preset code --tokenizer out/code_tokenizer --train data/code/train.txt \
+  --val data/code/val.txt --out "$out/code" --minutes "$minutes" --sample-prompt $'def main():\n' \
+  --no-progress 2>&1 | tee "$out/train.log"
+$py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --rollouts 2048 \
+  --steps 600 --batch 32 --no-progress 2>&1 | tee "$out/drafter.log"
+$py -P scripts/eval_code_model.py --model "$out/code" --val data/code/val.txt --out "$out/code_eval.json" \
+  2>&1 | tee "$out/eval.log"
+du -sh "$out/code"
