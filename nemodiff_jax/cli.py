@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def cmd_convert(args) -> int:
     from nemodiff_jax.convert.orbax_io import TOKENIZER_FILES, save_orbax
     from nemodiff_jax.generate import load
 
-    gen = load(args.src, dtype=args.dtype, progress=True, quantize=args.quantize)
+    gen = load(args.src, dtype=args.dtype, progress=True, quantize=args.quantize, drafter=False)
     if args.to == "orbax":
         out = save_orbax(gen.model, args.dst, copy_from=args.src)
     else:
@@ -28,8 +29,18 @@ def cmd_convert(args) -> int:
         extra = {name: (Path(args.src) / name).read_text() for name in TOKENIZER_FILES
                  if (Path(args.src) / name).exists()}  # the tokenizer travels with the weights, as for orbax
         out = save_hf(gen.model, args.dst, max_shard_bytes=max_bytes, progress=True, extra_files=extra)
+    from nemodiff_jax.lora import DRAFTER_DIR
+
+    drafter = Path(args.src) / DRAFTER_DIR
+    if drafter.is_dir():  # the drafter travels with the weights (16-bit; load() attaches it from there)
+        shutil.copytree(drafter, Path(out) / DRAFTER_DIR, dirs_exist_ok=True)
     print(f"wrote {args.to} checkpoint to {out}")
     return 0
+
+
+def drafter_arg(args):
+    """load()'s `drafter` from --drafter DIR / --no-drafter (neither: the model directory's own, if any)."""
+    return False if args.no_drafter else args.drafter
 
 
 def flag_mode_options(args) -> dict:
@@ -50,7 +61,7 @@ def _mode_options(args) -> dict:
 def cmd_generate(args) -> int:
     from nemodiff_jax.generate import load
 
-    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False,
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=drafter_arg(args), progress=False,
                mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False), quantize=args.quantize)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
@@ -149,7 +160,7 @@ def cmd_batch(args) -> int:
 
         jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
     mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
-    gen = load(args.model or default_model(), dtype=args.dtype, drafter=args.drafter, progress=False, mesh=mesh,
+    gen = load(args.model or default_model(), dtype=args.dtype, drafter=drafter_arg(args), progress=False, mesh=mesh,
                quantize=args.quantize)
     job = Job(input=Path(args.input), output=Path(args.output), batch_size=args.batch_size, mode=args.mode,
               max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
@@ -178,7 +189,7 @@ def cmd_serve(args) -> int:
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     path = Path(args.model) if args.model else default_model()
-    gen = load(path, dtype=args.dtype, drafter=args.drafter, progress=False,
+    gen = load(path, dtype=args.dtype, drafter=drafter_arg(args), progress=False,
                mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False), quantize=args.quantize)
     name = args.served_model_name or (args.model if args.model else "nemodiff-embedded")
     serve.run(gen, name, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
@@ -257,7 +268,7 @@ def drafter_job_from_args(args):
 
     if args.model is None or args.train is None:
         raise ValueError("--drafter needs --model (the model to draft for) and --train (the prompts' text)")
-    fields = {"model": args.model, "train": args.train, "out": args.out, "work_dir": args.work_dir,
+    fields = {"model": args.model, "train": args.train, "val": args.val, "out": args.out, "work_dir": args.work_dir,
               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
               "warmup": args.warmup, "seed": args.seed, "rank": args.rank, "alpha": args.lora_alpha,
               "rollouts": args.rollouts, "prompt_min": args.prompt_min, "prompt_max": args.prompt_max,
@@ -310,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threshold", type=float, default=None,
                        help="diffusion unmask threshold (default 0.9); linear_spec draft threshold (default 0)")
         q.add_argument("--policy", choices=("threshold", "low_confidence", "leftmost"), default=None)
-        q.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
+        q.add_argument("--drafter", default=None,
+                       help="PEFT LoRA drafter directory for linear_spec (default: the model's linear_spec_lora/, "
+                            "when it has one)")
+        q.add_argument("--no-drafter", action="store_true", help="no drafter: linear_spec drafts with the base model")
         q.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                        help="split each model replica over N devices (heads, MLP, vocab; e.g. 14B over 2 or 4 GPUs)")
         q.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
@@ -358,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    sv.add_argument("--drafter", default=None, help="PEFT LoRA drafter directory (linear_spec)")
+    sv.add_argument("--drafter", default=None,
+                    help="PEFT LoRA drafter directory for linear_spec (default: the model's linear_spec_lora/, when "
+                         "it has one)")
+    sv.add_argument("--no-drafter", action="store_true", help="no drafter: linear_spec drafts with the base model")
     sv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                     help="split the model over N devices (heads, MLP, vocab)")
     sv.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)

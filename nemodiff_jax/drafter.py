@@ -39,11 +39,12 @@ from nemodiff_jax.lora import DRAFTER_DIR, LoRA, save_lora
 class DrafterJob:
     """A drafter training run. `model`: the HF model directory; `train`: the text whose windows become the
     rollout prompts (documents separated as in training.tokenize_corpus); the adapter goes to
-    `out` (default <model>/linear_spec_lora) and the rollouts, log and summary to `work_dir`
-    (default <out>.work)."""
+    `out` (default <model>/linear_spec_lora) and the token cache, log and summary to `work_dir` (default
+    <model>.drafter.work, beside the model directory, never inside it)."""
 
     model: Path
     train: Path
+    val: Path | None = None  # held-out text for the validation rollouts (None: the last rows of `train`'s)
     out: Path | None = None
     work_dir: Path | None = None
     rank: int = 16
@@ -57,39 +58,47 @@ class DrafterJob:
     lr: float = 2e-3
     warmup: int = 20
     seed: int = 0
-    dtype: str = "float32"  # the dtype the rollouts and training run in (float32 on a CPU)
+    dtype: str = "float32"  # the model's dtype for the rollouts and the frozen weights (the adapter is float32);
+    # the targets are greedy tokens in this dtype, so train in the dtype linear_spec will run in
     progress: bool = True
 
 
-def rollout_rows(gen, windows: T.TokenWindows, job: DrafterJob, block: int, log=print) -> dict[str, np.ndarray]:
-    """`tokens` [R, seq_len] (prompt + greedy rollout) and `start` [R] (the prompt length p) for job.rollouts
-    rows; prompts are corpus windows (BOS first) of p tokens, p uniform in [prompt_min, prompt_max]."""
-    rng = np.random.default_rng((job.seed, 1))
+def rollout_rows(gen, windows: T.TokenWindows, job: DrafterJob, count: int, seed: int,
+                 log=print) -> dict[str, np.ndarray]:
+    """`tokens` [R, seq_len] (prompt + greedy rollout), `start` [R] (the prompt length p) and `stop` [R] (the
+    position of the rollout's first EOS, or seq_len) for `count` rows; prompts are windows of `windows`
+    (BOS first) of p tokens, p uniform in [prompt_min, prompt_max]."""
+    rng = np.random.default_rng((seed, 1))
     n = job.seq_len
-    rows = windows.sample(job.seed, 0, job.rollouts)["tokens"]  # [R, windows.seq_len], BOS first
-    starts = rng.integers(job.prompt_min, job.prompt_max + 1, size=job.rollouts)
-    out = np.zeros((job.rollouts, n), np.int32)
+    rows = windows.sample(seed, 0, count)["tokens"]  # [R, windows.seq_len], BOS first
+    starts = rng.integers(job.prompt_min, job.prompt_max + 1, size=count)
+    out = np.zeros((count, n), np.int32)
+    stops = np.full((count,), n, np.int32)
+    eos = set(gen.config.eos_token_ids)
     chunk = 64
     t0 = time.perf_counter()
-    for lo in range(0, job.rollouts, chunk):
-        hi = min(lo + chunk, job.rollouts)
+    for lo in range(0, count, chunk):
+        hi = min(lo + chunk, count)
         prompts = [rows[i, :starts[i]].tolist() for i in range(lo, hi)]
         results = gen.generate(prompts, mode="ar", max_new_tokens=n - job.prompt_min, stop_token_ids=[])
         for i, (p, r) in enumerate(zip(prompts, results)):
             out[lo + i] = (p + r.tokens)[:n]
-        log(f"[drafter] rolled out {hi}/{job.rollouts} prompts ({time.perf_counter() - t0:.0f} s)")
-    return {"tokens": out, "start": starts.astype(np.int32)}
+            stops[lo + i] = next((len(p) + k for k, t in enumerate(r.tokens) if t in eos and len(p) + k < n), n)
+        log(f"[drafter] rolled out {hi}/{count} prompts ({time.perf_counter() - t0:.0f} s)")
+    return {"tokens": out, "start": starts.astype(np.int32), "stop": stops}
 
 
-def draft_inputs(tokens: jax.Array, start: jax.Array, block: int, mask_id: int):
+def draft_inputs(tokens: jax.Array, start: jax.Array, stop: jax.Array, block: int, mask_id: int):
     """(x_t [B,n] draft half: each block's slot 0 kept, the rest masked; weights [B,n] float32: 1 on slots
-    1..L-1 of the blocks that start at or after the row's prompt length)."""
+    1..L-1 of the blocks that start at or after the row's prompt length, up to its first EOS included:
+    linear_spec ends a row there, so nothing past it is ever drafted)."""
     b, n = tokens.shape
     pos = jnp.arange(n)
     slot = pos % block
     x_t = jnp.where(slot[None, :] == 0, tokens, mask_id)
     block_start = pos - slot
-    weights = ((slot[None, :] > 0) & (block_start[None, :] >= start[:, None])).astype(jnp.float32)
+    weights = ((slot[None, :] > 0) & (block_start[None, :] >= start[:, None])
+               & (pos[None, :] <= stop[:, None])).astype(jnp.float32)
     return x_t, weights
 
 
@@ -103,16 +112,16 @@ def init_lora(cfg, key: jax.Array, rank: int, alpha: float) -> LoRA:
     return LoRA(a=a, b=b, scale=alpha / rank)
 
 
-def draft_loss(model, lora: LoRA, tokens, start, block: int):
+def draft_loss(model, lora: LoRA, tokens, start, stop, block: int):
     """(mean CE over the weighted draft slots, (CE sum, correct sum, count, first-slot correct, first-slot
     count)) of one doubled forward with the adapter gated to the draft half."""
     cfg = model.config
-    x_t, weights = draft_inputs(tokens, start, block, cfg.mask_token_id)
+    x_t, weights = draft_inputs(tokens, start, stop, block, cfg.mask_token_id)
     inputs, positions, mask = T.doubled_inputs(x_t, tokens, block)
     b, n = tokens.shape
     gate = jnp.concatenate([jnp.ones((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32)], axis=1)
-    logits, _ = model(inputs, positions, None, mask=mask, lora=dataclasses.replace(lora, gate=gate))
-    logits = logits[:, :n]
+    h, _ = model.hidden(inputs, positions, None, mask=mask, lora=dataclasses.replace(lora, gate=gate))
+    logits = model.head(h[:, :n])  # the draft half only: the clean half has no targets here
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
     first = weights * (jnp.arange(n) % block == 1)[None, :]
@@ -125,11 +134,11 @@ def make_step(graphdef, optimizer, block: int):
     """train_step(params, lora, opt_state, tokens, start) -> (lora, opt_state, metrics); the base params
     are an argument, not a constant (no 40 MB literal in the program), and get no gradient."""
 
-    def step(params, lora, opt_state, tokens, start):
+    def step(params, lora, opt_state, tokens, start, stop):
         model = nnx.merge(graphdef, params)
 
         def loss_fn(lo):
-            return draft_loss(model, lo, tokens, start, block)
+            return draft_loss(model, lo, tokens, start, stop, block)
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
@@ -141,8 +150,8 @@ def make_step(graphdef, optimizer, block: int):
 
 
 def make_eval(graphdef, block: int):
-    def evaluate(params, lora, tokens, start):
-        return draft_loss(nnx.merge(graphdef, params), lora, tokens, start, block)[1]
+    def evaluate(params, lora, tokens, start, stop):
+        return draft_loss(nnx.merge(graphdef, params), lora, tokens, start, stop, block)[1]
 
     return jax.jit(evaluate)
 
@@ -162,21 +171,35 @@ def run(job: DrafterJob, log=print) -> dict:
                          f"prompt_max {job.prompt_max}")
     if not 1 <= job.prompt_min <= job.prompt_max:
         raise ValueError(f"need 1 <= prompt_min <= prompt_max, got {job.prompt_min}, {job.prompt_max}")
-    if job.rollouts < 2 or job.batch < 1:
-        raise ValueError(f"need at least 2 rollouts and a batch >= 1, got {job.rollouts}, {job.batch}")
-    out = Path(job.out) if job.out is not None else Path(job.model) / DRAFTER_DIR
-    work = Path(job.work_dir) if job.work_dir is not None else out.with_name(out.name + ".work")
+    if job.rollouts < 2 or job.batch < 1 or job.steps < 1 or job.rank < 1:
+        raise ValueError(f"need rollouts >= 2, batch, steps and rank >= 1, got {job.rollouts}, {job.batch}, "
+                         f"{job.steps}, {job.rank}")
+    if job.prompt_max + job.seq_len - job.prompt_min > cfg.max_position_embeddings:
+        raise ValueError(f"prompt_max + seq_len - prompt_min = {job.prompt_max + job.seq_len - job.prompt_min} "
+                         f"exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    if gen.tokenizer is None:
+        raise ValueError(f"{job.model}: no tokenizer.json: the prompts' text cannot be tokenized")
+    model_dir = Path(job.model)
+    out = Path(job.out) if job.out is not None else model_dir / DRAFTER_DIR
+    work = (Path(job.work_dir) if job.work_dir is not None
+            else model_dir.with_name(model_dir.name + ".drafter.work"))
     work.mkdir(parents=True, exist_ok=True)
 
-    windows = T.TokenWindows(T.tokenize_corpus(job.train, gen.tokenizer, cache_dir=work / "tokens"),
-                             job.prompt_max, cfg.bos_token_id)
-    data = rollout_rows(gen, windows, job, block, log=log)
-    n_val = max(1, job.rollouts // 16)  # the last rows: never trained on, the held-out draft accuracy
-    train_rows = {k: v[:-n_val] for k, v in data.items()}
-    val_rows = {k: v[-n_val:] for k, v in data.items()}
+    def windows(text: Path) -> T.TokenWindows:
+        return T.TokenWindows(T.tokenize_corpus(text, gen.tokenizer, cache_dir=work / "tokens"), job.prompt_max,
+                              cfg.bos_token_id)
 
-    graphdef, params = nnx.split(gen.model)
-    params = T.cast_floats(params, jnp.float32)
+    n_val = max(1, job.rollouts // 16)
+    if job.val is not None:  # held-out prompts: the draft accuracy of text never trained on
+        train_rows = rollout_rows(gen, windows(job.train), job, job.rollouts, job.seed, log=log)
+        val_rows = rollout_rows(gen, windows(job.val), job, n_val, job.seed + 1, log=log)
+    else:  # the last rows: prompts from the same text, rollouts never trained on
+        data = rollout_rows(gen, windows(job.train), job, job.rollouts + n_val, job.seed, log=log)
+        train_rows = {k: v[:-n_val] for k, v in data.items()}
+        val_rows = {k: v[-n_val:] for k, v in data.items()}
+
+    graphdef, params = nnx.split(gen.model)  # frozen, in the dtype the rollouts ran in
+    precision = gen.runtime.precision
     lora = init_lora(cfg, jax.random.key(job.seed), job.rank, job.alpha)
     schedule = optax.warmup_cosine_decay_schedule(0.0, job.lr, job.warmup, max(job.steps, job.warmup + 1),
                                                   job.lr * 0.1)
@@ -187,8 +210,9 @@ def run(job: DrafterJob, log=print) -> dict:
     def evaluate(lo) -> dict[str, float]:
         tot = np.zeros(5)
         for i in range(0, n_val, job.batch):
-            tot += np.array([float(x) for x in eval_fn(params, lo, val_rows["tokens"][i:i + job.batch],
-                                                       val_rows["start"][i:i + job.batch])])
+            with jax.default_matmul_precision(precision):
+                sums = eval_fn(params, lo, *(val_rows[k][i:i + job.batch] for k in ("tokens", "start", "stop")))
+            tot += np.array([float(x) for x in sums])
         return {"val_loss": tot[0] / tot[2], "val_acc": tot[1] / tot[2], "val_acc_slot1": tot[3] / tot[4]}
 
     before = evaluate(lora)
@@ -201,7 +225,9 @@ def run(job: DrafterJob, log=print) -> dict:
     metrics = {}
     for step in bar:
         idx = rng.integers(0, n_train, size=job.batch)
-        lora, opt_state, m = step_fn(params, lora, opt_state, train_rows["tokens"][idx], train_rows["start"][idx])
+        with jax.default_matmul_precision(precision):
+            lora, opt_state, m = step_fn(params, lora, opt_state,
+                                         *(train_rows[k][idx] for k in ("tokens", "start", "stop")))
         if (step + 1) % 10 == 0 or step + 1 == job.steps:
             metrics = {k: float(v) for k, v in m.items()}
             rate = (step + 1) * job.batch * job.seq_len * 2 / (time.perf_counter() - t0)

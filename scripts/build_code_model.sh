@@ -9,7 +9,8 @@
 # `nemodiff train --minutes` fits the cosine horizon to it). Logs and JSON go to OUT_DIR; the model to
 # OUT_DIR/code (with OUT_DIR/code/linear_spec_lora), ready to copy into nemodiff_jax/assets.
 set -euo pipefail
-out=${1:?usage: build_code_model.sh OUT_DIR [MINUTES]}
+out=$(realpath -m "${1:?usage: build_code_model.sh OUT_DIR [MINUTES]}")
+cd "$(dirname "$0")/.."
 minutes=${2:-8}
 py=${PYTHON:-python3}
 for need in data/code/train.txt data/code/val.txt out/code_tokenizer/tokenizer.json; do
@@ -19,8 +20,8 @@ mkdir -p "$out"
 $py -P -m nemodiff_jax.cli train --preset code --tokenizer out/code_tokenizer --train data/code/train.txt \
   --val data/code/val.txt --out "$out/code" --minutes "$minutes" --sample-prompt $'def main():\n' \
   --no-progress 2>&1 | tee "$out/train.log"
-$py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --rollouts 2048 \
-  --steps 600 --batch 32 --no-progress 2>&1 | tee "$out/drafter.log"
+$py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --val data/code/val.txt \
+  --rollouts 2048 --steps 600 --batch 32 --no-progress 2>&1 | tee "$out/drafter.log"
 $py -P scripts/eval_code_model.py --model "$out/code" --val data/code/val.txt --out "$out/code_eval.json" \
   2>&1 | tee "$out/eval.log"
 du -sh "$out/code"

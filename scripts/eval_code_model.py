@@ -2,9 +2,9 @@
 
     python scripts/eval_code_model.py --model out/code --val data/code/val.txt --out docs/embedded/code_eval.json
 
-Prompts: the first --num-prompts functions of the held-out modules (scripts/code_corpus.py HELD_OUT; their
-order in val.txt) with at least 4 body lines, cut after the signature and its docstring (or after the first
-body line when there is none). Every mode runs greedy on all prompts at once: ar, diffusion (threshold 0.9),
+Prompts: the first --num-prompts functions of the held-out modules (scripts/code_corpus.py HELD_OUT; in
+val.txt's order, then file order) spanning at least 5 lines, cut after their first body statement (the
+docstring when there is one) and kept only when something of the body is left after it. Every mode runs greedy on all prompts at once: ar, diffusion (threshold 0.9),
 linear_spec with the model's drafter and without it. Reported per mode: tokens per forward, mean accepted
 tokens per linear_spec round, denoise steps per diffusion block, batch tokens/s; then the AR next-token
 accuracy and perplexity over the held-out text, the share of ar completions whose function parses with
@@ -41,14 +41,16 @@ def function_prompts(val_text: str, n: int) -> list[str]:
             tree = ast.parse(doc)
         except SyntaxError:
             continue
-        lines = doc.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.end_lineno - node.lineno < 4:
+        lines = doc.split("\n")  # ast's line numbers count "\n" only (not the other splitlines() breaks)
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        for node in sorted(functions, key=lambda n: n.lineno):  # in file order
+            if node.end_lineno - node.lineno < 4:
                 continue
             cut = node.body[0].end_lineno  # the docstring, or the first statement when there is none
             if cut >= node.end_lineno:
                 continue
-            prompts.append("\n".join(lines[node.lineno - 1 - len(node.decorator_list):cut]) + "\n")
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            prompts.append("\n".join(lines[first - 1:cut]) + "\n")
             if len(prompts) == n:
                 return prompts
     return prompts
@@ -58,11 +60,15 @@ def function_parses(prompt: str, completion: str) -> bool:
     """Whether the prompt's function, completed, parses: its text runs until the first non-blank line
     indented no deeper than its `def`, or, when the token budget ends it first, to the completion's last
     whole line (a block opened on that line is given a `pass`)."""
-    lines = (prompt + completion).splitlines()
+    text = prompt + completion
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()  # the empty piece after the last newline
     head = next(i for i, line in enumerate(lines) if line.lstrip().startswith(("def ", "async def ", "@")))
     indent = len(lines[head]) - len(lines[head].lstrip())
-    body_start = next(i for i in range(head, len(lines)) if lines[i].rstrip().endswith(":")) + 1
-    end = len(lines) if (prompt + completion).endswith("\n") else len(lines) - 1
+    # the body starts after the prompt's own lines (its signature and first statement)
+    body_start = min(prompt.count("\n"), len(lines))
+    end = len(lines) if text.endswith("\n") else len(lines) - 1
     for i in range(body_start, len(lines)):
         if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent:
             end = i

@@ -28,7 +28,7 @@ N, BLOCK = 24, 8
 def test_draft_inputs_mask_and_weights():
     tokens = jnp.arange(2 * N, dtype=jnp.int32).reshape(2, N) + 101
     start = jnp.asarray([3, 8])
-    x_t, w = D.draft_inputs(tokens, start, BLOCK, 100)
+    x_t, w = D.draft_inputs(tokens, start, jnp.asarray([N, N]), BLOCK, 100)
     slot = np.arange(N) % BLOCK
     np.testing.assert_array_equal(np.asarray(x_t), np.where(slot == 0, np.asarray(tokens), 100))
     # row 0 (prompt of 3): blocks starting at 8 and 16 train; row 1 (prompt of 8): the same two blocks;
@@ -36,9 +36,10 @@ def test_draft_inputs_mask_and_weights():
     want = np.zeros((2, N), np.float32)
     want[:, 9:16] = want[:, 17:24] = 1
     np.testing.assert_array_equal(np.asarray(w), want)
-    x_t, w = D.draft_inputs(tokens, jnp.asarray([9, 0]), BLOCK, 100)
+    x_t, w = D.draft_inputs(tokens, jnp.asarray([9, 0]), jnp.asarray([N, 12]), BLOCK, 100)
     assert np.asarray(w)[0, :17].sum() == 0 and np.asarray(w)[0, 17:].sum() == 7
-    assert np.asarray(w)[1].sum() == 3 * 7
+    # row 1 stops at its EOS at 12: slots 1..7 of block 0 and 9..12 of block 1 (the EOS itself is drafted)
+    np.testing.assert_array_equal(np.nonzero(np.asarray(w)[1])[0], [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12])
 
 
 def test_gate_selects_positions():
@@ -61,7 +62,7 @@ def test_training_forward_is_the_inference_draft_pass():
     model = Transformer(CFG, rngs=nnx.Rngs(3), dtype=jnp.float32)
     lora = random_lora(CFG, jax.random.key(4), rank=4, std=0.3)
     tokens = jax.random.randint(jax.random.key(5), (2, N), 101, 160).at[:, 0].set(1)
-    x_t, _ = D.draft_inputs(tokens, jnp.zeros((2,), jnp.int32), BLOCK, CFG.mask_token_id)
+    x_t, _ = D.draft_inputs(tokens, jnp.zeros((2,), jnp.int32), jnp.full((2,), N), BLOCK, CFG.mask_token_id)
     inputs, positions, mask = T.doubled_inputs(x_t, tokens, BLOCK)
     gate = jnp.concatenate([jnp.ones((2, N)), jnp.zeros((2, N))], axis=1)
     logits, _ = model(inputs, positions, None, mask=mask, lora=dataclasses.replace(lora, gate=gate))
@@ -102,30 +103,43 @@ def test_rollouts_are_greedy_continuations(model_dir, tmp_path):
     text = tmp_path / "train.txt"
     text.write_text(T.DOC_SEP.join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(40)))
     gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
-    job = D.DrafterJob(model=model_dir, train=text, rollouts=3, seq_len=32, prompt_min=4, prompt_max=12)
+    job = D.DrafterJob(model=model_dir, train=text, seq_len=32, prompt_min=4, prompt_max=12)
     windows = T.TokenWindows(T.tokenize_corpus(text, gen.tokenizer, cache_dir=tmp_path), 12, 1)
-    rows = D.rollout_rows(gen, windows, job, 8, log=lambda *_: None)
+    rows = D.rollout_rows(gen, windows, job, 3, 0, log=lambda *_: None)
+    source = windows.sample(0, 0, 3)["tokens"]
     assert rows["tokens"].shape == (3, 32) and np.all(rows["tokens"][:, 0] == 1)
-    for toks, p in zip(rows["tokens"], rows["start"]):
-        assert 4 <= p <= 12
-        s = int(-(-p // 8) * 8)  # the first block starting inside the rollout
-        want = gen.generate([toks[:s + 1].tolist()], mode="ar", max_new_tokens=7, stop_token_ids=[])[0].tokens
-        assert want == toks[s + 1:s + 8].tolist()
+    for toks, p, stop, src in zip(rows["tokens"], rows["start"], rows["stop"], source):
+        assert 4 <= p <= 12 and toks[:p].tolist() == src[:p].tolist()  # the prompt is the corpus window
+        rest = gen.generate([toks[:p].tolist()], mode="ar", max_new_tokens=32 - p, stop_token_ids=[])[0].tokens
+        assert rest == toks[p:].tolist()  # the whole rollout is greedy ar's
+        eos = [i for i in range(p, 32) if toks[i] == 11]
+        assert stop == (eos[0] if eos else 32)
+        # and so is every block's continuation after its seed
+        for s in range(-(-p // 8) * 8, 32, 8):
+            want = gen.generate([toks[:s + 1].tolist()], mode="ar", max_new_tokens=7, stop_token_ids=[])[0].tokens
+            assert want == toks[s + 1:s + 8].tolist()
 
 
 def test_drafter_training_end_to_end(model_dir, tmp_path):
     """A short run lowers the held-out draft loss; the adapter is saved where load() attaches it by default,
     `drafter=False` leaves it off, and greedy linear_spec with it still equals greedy ar (float32)."""
+    import shutil
+
     import nemodiff_jax
 
+    model_dir = shutil.copytree(model_dir, tmp_path / "model")  # the shared model stays drafter-free
     text = tmp_path / "train.txt"
     text.write_text(T.DOC_SEP.join(f"class C{i}:\n    def get(self):\n        return self.v{i}\n" for i in range(60)))
-    job = D.DrafterJob(model=model_dir, train=text, rollouts=32, seq_len=32, prompt_min=4, prompt_max=12,
-                       steps=40, batch=8, lr=1e-2, rank=4, progress=False, work_dir=tmp_path / "work")
+    val = tmp_path / "val.txt"
+    val.write_text(T.DOC_SEP.join(f"class D{i}:\n    def put(self):\n        self.w{i} = 1\n" for i in range(20)))
+    job = D.DrafterJob(model=model_dir, train=text, val=val, rollouts=32, seq_len=32, prompt_min=4,
+                       prompt_max=12, steps=40, batch=8, lr=1e-2, rank=4, progress=False)
     summary = D.run(job, log=lambda *_: None)
     assert summary["after"]["val_loss"] < summary["before"]["val_loss"] - 0.05
     assert (model_dir / DRAFTER_DIR / "adapter_config.json").is_file()
-    lines = (tmp_path / "work" / "log.jsonl").read_text().splitlines()
+    work = tmp_path / "model.drafter.work"  # beside the model directory, not in it
+    assert not (model_dir / "linear_spec_lora.work").exists()
+    lines = (work / "log.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all("loss" in line for line in lines)
 
     gen = nemodiff_jax.load(model_dir, dtype="float32", progress=False)
@@ -136,6 +150,16 @@ def test_drafter_training_end_to_end(model_dir, tmp_path):
     with_lora = gen.generate(prompts, mode="linear_spec", max_new_tokens=24)
     without = gen.generate(prompts, mode="linear_spec", max_new_tokens=24, lora=False)
     assert [r.tokens for r in with_lora] == ar == [r.tokens for r in without]
+
+    # the drafter travels with a converted checkpoint, and --no-drafter leaves it off
+    from nemodiff_jax import cli
+
+    dst = tmp_path / "converted"
+    assert cli.main(["convert", str(model_dir), str(dst), "--to", "hf", "--dtype", "float32"]) == 0
+    assert (dst / DRAFTER_DIR / "adapter_model.safetensors").is_file()
+    assert nemodiff_jax.load(dst, dtype="float32", progress=False).drafter.rank == 4
+    args = cli.build_parser().parse_args(["generate", "--model", str(dst), "--prompt", "x", "--no-drafter"])
+    assert cli.drafter_arg(args) is False
 
 
 def test_bad_jobs_are_clear_errors(model_dir, tmp_path):
@@ -159,5 +183,5 @@ def test_cli_trains_the_drafter(model_dir, tmp_path, capsys):
                      "--rollouts", "8", "--seq-len", "32", "--prompt-min", "4", "--prompt-max", "12", "--steps",
                      "2", "--batch", "4", "--rank", "2", "--no-progress"]) == 0
     assert (out / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "lora.work" / "summary.json").is_file()
+    assert (model_dir.parent / f"{model_dir.name}.drafter.work" / "summary.json").is_file()
     assert "drafter saved to" in capsys.readouterr().out
