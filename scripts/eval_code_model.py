@@ -57,9 +57,10 @@ def function_prompts(val_text: str, n: int) -> list[str]:
 
 
 def function_parses(prompt: str, completion: str) -> bool:
-    """Whether the prompt's function, completed, parses: its text runs until the first non-blank line
-    indented no deeper than its `def`, or, when the token budget ends it first, to the completion's last
-    whole line (a block opened on that line is given a `pass`)."""
+    """Whether the completion continues the prompt's function and the function then parses: its text runs
+    until the first non-blank line indented no deeper than its `def`, or, when the token budget ends it
+    first, to the completion's last whole line (a block opened on that line is given a `pass`). A completion
+    that adds no line to the function counts as not parsing."""
     text = prompt + completion
     lines = text.split("\n")
     if text.endswith("\n"):
@@ -73,6 +74,8 @@ def function_parses(prompt: str, completion: str) -> bool:
         if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent:
             end = i
             break
+    if not any(line.strip() for line in lines[body_start:end]):
+        return False  # the completion added nothing to the function (it ended at once, or wrote nothing)
     text = textwrap.dedent("\n".join(lines[head:end]) + "\n")
     last = text.rstrip("\n").splitlines()[-1]
     # a function cut off by the token budget right after a block opener gets that block's body as `pass`

@@ -51,6 +51,7 @@ def test_function_parses_takes_the_function_until_it_ends():
     assert not E.function_parses(p, "    y = (x +\n\nz = 1\n")
     assert E.function_parses(p, "    return x\n    if x:\n        ret")  # a cut-off last line is dropped
     assert E.function_parses("    def m(self):\n", "        return self.v\n    def n(self):\n")
+    assert not E.function_parses('def f(x):\n    """Doc."""\n', "\nclass K:\n    pass\n")  # it ended at once
 
 
 def test_main_on_a_tiny_model(tmp_path):
