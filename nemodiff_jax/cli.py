@@ -261,6 +261,21 @@ def train_job_from_args(args):
                     progress=not args.no_progress, eos_between_docs=not args.no_eos)
 
 
+# `nemodiff train` flags that mean something for one kind of run only: given to the other, they are errors.
+MODEL_ONLY = ("minutes", "alpha", "weight_decay", "tokenizer", "hidden", "layers", "heads", "kv_heads", "head_dim",
+              "intermediate", "eval_every", "ckpt_every", "log_every", "val_rows", "compute_dtype", "export",
+              "stop_after", "sample_prompt", "sample_tokens", "devices")
+DRAFTER_ONLY = ("model", "rollouts", "rank", "lora_alpha", "prompt_min", "prompt_max", "dtype")
+
+
+def _refuse(args, names, kind: str) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    given += [flag for flag, on in (("--resume", args.resume), ("--no-eos", args.no_eos)) if on and kind == "--drafter"]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to "
+                         f"{'drafter' if kind == '--drafter' else 'model'} training")
+
+
 def drafter_job_from_args(args):
     """The drafter.DrafterJob of `nemodiff train --drafter`: the shared flags (--train, --out, --work-dir,
     --steps, --batch, --seq-len, --lr, --warmup, --seed, --no-progress) mean the same for the adapter."""
@@ -268,6 +283,7 @@ def drafter_job_from_args(args):
 
     if args.model is None or args.train is None:
         raise ValueError("--drafter needs --model (the model to draft for) and --train (the prompts' text)")
+    _refuse(args, MODEL_ONLY, "--drafter")
     fields = {"model": args.model, "train": args.train, "val": args.val, "out": args.out, "work_dir": args.work_dir,
               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
               "warmup": args.warmup, "seed": args.seed, "rank": args.rank, "alpha": args.lora_alpha,
@@ -289,6 +305,7 @@ def cmd_train(args) -> int:
         return 0
     from nemodiff_jax import trainer
 
+    _refuse(args, DRAFTER_ONLY, "model")
     trainer.run(train_job_from_args(args))
     return 0
 

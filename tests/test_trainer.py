@@ -137,5 +137,9 @@ def test_job_settings_and_presets():
 def test_train_cli_errors(capsys):
     assert cli.main(["train", "--drafter", "--train", "t.txt"]) == 2
     assert "--drafter needs --model" in capsys.readouterr().err
+    assert cli.main(["train", "--drafter", "--model", "m", "--train", "t.txt", "--minutes", "3", "--resume"]) == 2
+    assert "--minutes, --resume do not apply to drafter training" in capsys.readouterr().err
+    assert cli.main(["train", "--train", "t", "--val", "v", "--out", "o", "--rank", "4"]) == 2
+    assert "--rank does not apply to model training" in capsys.readouterr().err
     assert cli.main(["train", "--train", "t.txt"]) == 2
     assert "--val, --out required" in capsys.readouterr().err
