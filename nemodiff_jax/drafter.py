@@ -15,7 +15,10 @@ One forward over the doubled sequence `[draft blocks | rollout]` under training.
 every block's draft pass at once: a draft block sees itself and the clean tokens before it. The adapter is
 gated to the draft half (LoRA.gate), so the clean half's keys and values are the adapter-free ones the cache
 holds at inference. The loss is the mean cross-entropy of slots 1..L-1 of the blocks that start inside the
-rollout; the base weights are frozen, only the adapter (A random, B zero: it starts as the base model) learns.
+rollout, up to its first EOS (linear_spec ends a row there); the base weights are frozen, only the adapter
+(A random, B zero: it starts as the base model) learns. What is trained is the default drafting: one pass
+(threshold 0) over blocks of the model's block size; threshold drafting's later passes, which see partly
+filled blocks, are not in the training data.
 """
 
 from __future__ import annotations
