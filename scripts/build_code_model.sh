@@ -7,7 +7,8 @@
 # --data-out data/code` (made here on CPython 3.12.1: on the GPU machine carry both, so the corpus is the one
 # the manifest lists rather than that machine's stdlib). MINUTES is the model's training budget (default 8;
 # `nemodiff train --minutes` fits the cosine horizon to it). Logs and JSON go to OUT_DIR; the model to
-# OUT_DIR/code (with OUT_DIR/code/linear_spec_lora), ready to copy into nemodiff_jax/assets.
+# OUT_DIR/code (with OUT_DIR/code/linear_spec_lora), ready to copy into nemodiff_jax/assets. ROLLOUTS (2048)
+# and DRAFTER_STEPS (600) size the drafter's run (small values make a CPU smoke run of the script).
 set -euo pipefail
 out=$(realpath -m "${1:?usage: build_code_model.sh OUT_DIR [MINUTES]}")
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ $py -P -m nemodiff_jax.cli train --preset code --tokenizer out/code_tokenizer --
   --val data/code/val.txt --out "$out/code" --minutes "$minutes" --sample-prompt $'def main():\n' \
   --no-progress 2>&1 | tee "$out/train.log"
 $py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --val data/code/val.txt \
-  --rollouts 2048 --steps 600 --batch 32 --no-progress 2>&1 | tee "$out/drafter.log"
+  --rollouts "${ROLLOUTS:-2048}" --steps "${DRAFTER_STEPS:-600}" --batch 32 --no-progress 2>&1 | tee "$out/drafter.log"
 $py -P scripts/eval_code_model.py --model "$out/code" --val data/code/val.txt --out "$out/code_eval.json" \
   2>&1 | tee "$out/eval.log"
 du -sh "$out/code"
