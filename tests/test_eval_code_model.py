@@ -4,7 +4,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 from conftest import tiny_model_with_tokenizer
 
 from nemodiff_jax.training import DOC_SEP
