@@ -2,9 +2,11 @@
 
 The corpus of the small code model of issue 15 is the pure-Python part of the standard library of the running
 interpreter (``sysconfig.get_paths()["stdlib"]``, or ``--stdlib DIR``), which is on every machine: its top-level
-``*.py`` modules plus the ``*.py`` files of the packages in PACKAGES, without test directories, files over
+``*.py`` modules plus the ``*.py`` files of the packages in PACKAGES (CPython's own test suite, ``test``, among
+them: it is most of the code), without the directories of EXCLUDED_DIRS below a package, files over
 MAX_FILE_BYTES and files that are not valid UTF-8. Each file is one document. The modules of HELD_OUT (fixed
-before any training) go to val only, everything else to train.
+before any training) go to val only, their own test files (``test/test_<module>.py``) to neither, everything
+else to train.
 
     python scripts/code_corpus.py --out out/code_tokenizer --data-out data/code
 
@@ -39,9 +41,9 @@ VOCAB_SIZE = 4096
 PACKAGES = (
     "asyncio", "collections", "concurrent", "ctypes", "curses", "dbm", "email", "html", "http", "importlib",
     "json", "logging", "multiprocessing", "re", "sqlite3", "tkinter", "tomllib", "unittest", "urllib", "venv",
-    "wsgiref", "xml", "xmlrpc", "zipfile", "zoneinfo",
+    "wsgiref", "xml", "xmlrpc", "zipfile", "zoneinfo", "test",
 )
-# Directory names never entered, at any depth.
+# Directory names never entered below a package's own directory.
 EXCLUDED_DIRS = frozenset({
     "test", "tests", "idlelib", "turtledemo", "site-packages", "lib2to3", "ensurepip", "__phello__", "__pycache__",
 })
@@ -51,6 +53,8 @@ HELD_OUT = (
     "bisect.py", "calendar.py", "colorsys.py", "fnmatch.py", "fractions.py",
     "glob.py", "graphlib.py", "heapq.py", "shlex.py", "textwrap.py",
 )
+# The test files of the held-out modules: they spell out those modules' behaviour, so they are left out.
+HELD_OUT_TESTS = tuple(f"test/test_{name}" for name in HELD_OUT)
 
 
 def default_stdlib() -> Path:
@@ -94,6 +98,9 @@ def load_documents(stdlib: str | Path) -> tuple[list[tuple[str, str]], list[dict
     docs, files, skipped = [], [], []
     for rel in find_sources(root):
         raw = (root / rel).read_bytes()
+        if rel in HELD_OUT_TESTS:
+            skipped.append({"path": rel, "reason": "tests a held-out module"})
+            continue
         if len(raw) > MAX_FILE_BYTES:
             skipped.append({"path": rel, "reason": f"{len(raw)} bytes > {MAX_FILE_BYTES}"})
             continue
@@ -126,6 +133,7 @@ def write_corpus(stdlib: str | Path, data_out: str | Path) -> list[tuple[str, st
         "excluded_dirs": sorted(EXCLUDED_DIRS),
         "max_file_bytes": MAX_FILE_BYTES,
         "held_out": list(HELD_OUT),
+        "held_out_tests": list(HELD_OUT_TESTS),
         "totals": totals,
         "files": files,
         "skipped": skipped,

@@ -60,7 +60,9 @@ def fake_stdlib(tmp_path_factory):
     put("json/__init__.py", "from .decoder import loads\n")
     put("json/decoder.py", "def loads(s):\n    return eval(s)\n")
     put("json/tests/test_decoder.py", "assert True\n")
-    put("test/test_os.py", "assert True\n")
+    put("test/test_os.py", "TESTS_OS = 1\n")  # CPython's own test suite is a package of the corpus
+    put("test/test_bisect.py", "TESTS_HELD_OUT = 1\n")  # but not the tests of a held-out module
+    put("test/support/tests/test_x.py", "assert True\n")
     put("idlelib/editor.py", "EDITOR = 1\n")
     put("notapackage/mod.py", "X = 1\n")
     put("README.txt", "not python\n")
@@ -86,15 +88,17 @@ def test_split_by_module_and_exclusions(built):
     split_of = {f["path"]: f["split"] for f in manifest["files"]}
     assert sorted(p for p, s in split_of.items() if s == "val") == sorted(cc.HELD_OUT)
     assert sorted(p for p, s in split_of.items() if s == "train") == [
-        "crlf.py", "json/__init__.py", "json/decoder.py", "os.py"]
-    assert {s["path"]: s["reason"] for s in manifest["skipped"]}.keys() == {"big.py", "empty.py", "latin1.py"}
+        "crlf.py", "json/__init__.py", "json/decoder.py", "os.py", "test/test_os.py"]
+    assert {s["path"]: s["reason"] for s in manifest["skipped"]}.keys() == {
+        "big.py", "empty.py", "latin1.py", "test/test_bisect.py"}
     val = "".join(_docs(out, "val"))
     assert all(f"held_out_{i}" in val for i in range(len(cc.HELD_OUT)))
     train = (out / "data" / "train.txt").read_text(encoding="utf-8")
     assert "held_out_" not in train
-    for absent in ("EDITOR", "X = 1", "assert True", "caf\xe9'", "###"):
+    assert "TESTS_OS" in train
+    for absent in ("EDITOR", "X = 1", "assert True", "caf\xe9'", "###", "TESTS_HELD_OUT"):
         assert absent not in train + val
-    assert summary["train"]["files"] == 4 and summary["val"]["files"] == len(cc.HELD_OUT)
+    assert summary["train"]["files"] == 5 and summary["val"]["files"] == len(cc.HELD_OUT)
     assert manifest["totals"]["val"]["files"] == len(cc.HELD_OUT)
 
 

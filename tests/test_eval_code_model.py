@@ -65,3 +65,9 @@ def test_main_on_a_tiny_model(tmp_path):
     assert all(r["tokens"] == 16 for r in report["modes"])  # no stop in 8 tokens of a random model (no EOS)
     assert 0 <= report["heldout"]["ar_next_token_accuracy"] <= 1 and report["heldout"]["ar_perplexity"] > 1
     assert json.loads(out.read_text())["prompts"] == report["prompts"]
+    # one prompt at a time: the same greedy text, the speed measured over every call
+    single = E.main(["--model", str(model), "--val", str(val), "--num-prompts", "2", "--max-new-tokens", "8",
+                     "--quality-rows", "8", "--batch", "1"])
+    assert single["batch"] == 1 and report["batch"] == 2
+    assert single["samples"] == report["samples"] and single["linear_spec_equals_ar"] is True
+    assert all(r["batch_tokens_per_s"] > 0 for r in single["modes"])
