@@ -2,21 +2,22 @@
 
     python scripts/eval_code_model.py --model out/code --val data/code/val.txt --out docs/embedded/code_eval.json
 
-Prompts: the first --num-prompts functions of the held-out modules (scripts/code_corpus.py HELD_OUT; in
-val.txt's order, then file order) spanning at least 5 lines, cut after their first body statement (the
-docstring when there is one) and kept only when something of the body is left after it. Every mode runs greedy
-on the prompts, --batch at a time (default: all at once; 1 for the batch-1 speeds): ar, diffusion (threshold 0.9),
-linear_spec with the model's drafter and without it. Reported per mode: tokens per forward, mean accepted
-tokens per linear_spec round, denoise steps per diffusion block, tokens/s (all tokens over the wall time of
-all batches, each mode compiled first, off the clock); then the AR next-token
-accuracy and perplexity over the held-out text, the share of ar completions whose function parses with
-`ast`, and whether greedy linear_spec equals greedy ar on every prompt (with and without the drafter).
+Prompts: --num-prompts functions of the held-out modules (scripts/code_corpus.py HELD_OUT), taken in turn from
+each module (val.txt's order; in a module, file order), spanning at least 5 lines, cut after their first body
+statement (the docstring when there is one) and kept only when something of the body is left after it. Every
+mode runs greedy on the prompts, --batch at a time (default: all at once; 1 for the batch-1 speeds): ar,
+diffusion (threshold 0.9), linear_spec with the model's drafter and without it. Reported per mode: tokens per
+forward, mean accepted tokens per linear_spec round, denoise steps per diffusion block, tokens/s (all tokens
+over the wall time of all batches, each mode compiled first, off the clock); then the AR next-token accuracy
+and perplexity over the held-out text, the share of ar completions whose function parses with `ast`, and
+whether greedy linear_spec equals greedy ar on every prompt (with and without the drafter).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import math
 import sys
@@ -37,8 +38,9 @@ RUNS = [("ar", {}, "ar"), ("diffusion", {"threshold": 0.9}, "diffusion (0.9)"),
 
 
 def function_prompts(val_text: str, n: int) -> list[str]:
-    """Prompts cut from the functions of the held-out modules (see the module docstring)."""
-    prompts = []
+    """Prompts cut from the functions of the held-out modules (see the module docstring), taken in turn from
+    each module: its first function, then every module's second, and so on."""
+    per_module = []
     for doc in val_text.split(T.DOC_SEP):
         try:
             tree = ast.parse(doc)
@@ -46,6 +48,7 @@ def function_prompts(val_text: str, n: int) -> list[str]:
             continue
         lines = doc.split("\n")  # ast's line numbers count "\n" only (not the other splitlines() breaks)
         functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        prompts = []
         for node in sorted(functions, key=lambda n: n.lineno):  # in file order
             if node.end_lineno - node.lineno < 4:
                 continue
@@ -54,9 +57,9 @@ def function_prompts(val_text: str, n: int) -> list[str]:
                 continue
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
             prompts.append("\n".join(lines[first - 1:cut]) + "\n")
-            if len(prompts) == n:
-                return prompts
-    return prompts
+        per_module.append(prompts)
+    turns = itertools.zip_longest(*per_module)
+    return [p for turn in turns for p in turn if p is not None][:n]
 
 
 def function_parses(prompt: str, completion: str) -> bool:
