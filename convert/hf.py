@@ -1,4 +1,5 @@
-"""HF NLD checkpoint (safetensors, single file or index) <-> nnx model, strictly.
+"""HF NLD checkpoint (safetensors, single file or index) <-> nnx model, strictly; the VLM's vision tower and
+projector (spec §12) are part of the same name table when the config has them.
 
 One name table (`layout(cfg)`: every HF tensor -> nnx path, layout kind, block of a fused param, HF shape) and
 one transform per kind; the HF shape is checked before a tensor is touched. Unmapped, missing, duplicate, mis-shaped or wrongly typed tensors, and truncated
@@ -38,7 +39,7 @@ class Piece:
 
     hf: str
     path: tuple
-    kind: str  # same | linear | heads_in | qkv
+    kind: str  # same | linear | heads_in | qkv | conv | vision_heads_out | vision_heads_in
     hf_shape: tuple[int, ...]
     block: tuple = np.s_[...]
 
@@ -67,7 +68,38 @@ def layout(cfg: Config) -> dict[str, Piece]:
             Piece(p + "mlp.up_proj.weight", mlp + ("gate_up_proj",), "linear", (f, d), np.s_[:, 1]),
             Piece(p + "mlp.down_proj.weight", mlp + ("down_proj",), "linear", (d, f)),
         ]
+    if cfg.vision is not None:
+        pieces += _vision_pieces(cfg)
     return {pc.hf: pc for pc in pieces}
+
+
+def _vision_pieces(cfg: Config) -> list[Piece]:
+    """The VLM's tower and projector (spec §12: inside `encoder`, no biases); nnx paths as in vision.py."""
+    v = cfg.vision
+    e, f, c, p, d = v.hidden_size, v.intermediate_size, v.num_channels, v.patch_size, cfg.hidden_size
+    r = v.spatial_merge_size ** 2
+    t, j = "encoder.vision_tower.", "encoder.multi_modal_projector."
+    pieces = [Piece(t + "patch_conv.weight", ("vision_tower", "patch_conv"), "conv", (e, c, p, p)),
+              Piece(t + "ln_pre.weight", ("vision_tower", "ln_pre", "weight"), "same", (e,)),
+              Piece(j + "norm.weight", ("multi_modal_projector", "norm", "weight"), "same", (e,)),
+              Piece(j + "patch_merger.merging_layer.weight", ("multi_modal_projector", "merging_layer"), "linear",
+                    (e, e * r)),
+              Piece(j + "linear_1.weight", ("multi_modal_projector", "linear_1"), "linear", (d, e)),
+              Piece(j + "linear_2.weight", ("multi_modal_projector", "linear_2"), "linear", (d, d))]
+    for i in range(v.num_layers):
+        h, layer = f"{t}transformer.layers.{i}.", ("vision_tower", "layers", i)
+        attn, ffn = layer + ("attention",), layer + ("feed_forward",)
+        pieces += [
+            Piece(h + "attention_norm.weight", layer + ("attention_norm", "weight"), "same", (e,)),
+            Piece(h + "ffn_norm.weight", layer + ("ffn_norm", "weight"), "same", (e,)),
+            *(Piece(h + f"attention.{name}_proj.weight", attn + ("qkv",), "vision_heads_out", (e, e), np.s_[:, q])
+              for q, name in enumerate("qkv")),
+            Piece(h + "attention.o_proj.weight", attn + ("o",), "vision_heads_in", (e, e)),
+            Piece(h + "feed_forward.gate_proj.weight", ffn + ("gate_up",), "linear", (f, e), np.s_[:, 0]),
+            Piece(h + "feed_forward.up_proj.weight", ffn + ("gate_up",), "linear", (f, e), np.s_[:, 1]),
+            Piece(h + "feed_forward.down_proj.weight", ffn + ("down",), "linear", (e, f)),
+        ]
+    return pieces
 
 
 def _to_nnx(arr: np.ndarray, pc: Piece, cfg: Config) -> np.ndarray:
@@ -80,6 +112,12 @@ def _to_nnx(arr: np.ndarray, pc: Piece, cfg: Config) -> np.ndarray:
         return arr.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
     if pc.kind == "qkv":  # [K*G*H, D] (q) or [K*H, D] (k, v) -> [D, K, G|1, H]
         return arr.reshape(cfg.num_kv_heads, -1, cfg.head_dim, cfg.hidden_size).transpose(3, 0, 1, 2)
+    if pc.kind == "conv":  # Conv2d [E, C, Y, X] -> [C, Y, X, E]
+        return arr.transpose(1, 2, 3, 0)
+    if pc.kind == "vision_heads_out":  # [N*H, E] -> [E, N, H]
+        return arr.T.reshape(arr.shape[1], cfg.vision.num_heads, cfg.vision.head_dim)
+    if pc.kind == "vision_heads_in":  # [E, N*H] -> [N, H, E]
+        return arr.T.reshape(cfg.vision.num_heads, cfg.vision.head_dim, arr.shape[0])
     raise AssertionError(pc.kind)
 
 
@@ -89,10 +127,14 @@ def _to_hf(block: np.ndarray, pc: Piece) -> np.ndarray:
         return block
     if pc.kind == "linear":
         return block.T
-    if pc.kind == "heads_in":
+    if pc.kind in ("heads_in", "vision_heads_in"):
         return block.reshape(-1, block.shape[-1]).T
     if pc.kind == "qkv":
         return block.transpose(1, 2, 3, 0).reshape(-1, block.shape[0])
+    if pc.kind == "conv":
+        return block.transpose(3, 0, 1, 2)
+    if pc.kind == "vision_heads_out":
+        return block.reshape(block.shape[0], -1).T
     raise AssertionError(pc.kind)
 
 
@@ -192,8 +234,9 @@ def load_model(model_dir: str | Path, cfg: Config, dtype=jnp.bfloat16, shardings
         if any(p.fullmatch(name) for p in DROPPED):
             continue
         if name not in wanted:
+            kind = "NLD model" if cfg.vision is None else f"NLD-VLM model with a {cfg.vision.num_layers}-layer tower"
             raise CheckpointError(f"{info.file}: unexpected tensor {name!r} (not part of a "
-                                  f"{cfg.num_layers}-layer NLD model"
+                                  f"{cfg.num_layers}-layer {kind}"
                                   + (f" quantized to {cfg.quantization.format})" if cfg.quantization else ")"))
         pc, role, shape, dtypes = wanted[name]
         if info.shape != shape:

@@ -8,6 +8,11 @@ over stacked layer weights was measured 2.6x slower in the decode path.
 Parameter layouts (Flax [in, out], heads split): qkv [D,K,G+2,H] (per kv head: its G query heads, then k,
 then v: one GEMV instead of three, and it shards cleanly over kv heads), o [N,H,D], gate_up [D,2,F],
 down [F,D], embed [V,D], head [D,V]. Each Param carries `logical_axes` for sharding.py.
+
+A VLM config (cfg.vision) adds `vision_tower` and `multi_modal_projector` (vision.py; in the checkpoint they sit
+inside `encoder` too). Images enter only through the prefill's input embeddings: `embed(tokens, features)`
+splices `encode_images(...)` into the placeholder rows, and `hidden`/`__call__` take those `embeds` instead of
+token ids; every decode pass after it is the text model's.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemodiff_jax import quant, rope, sharding
+from nemodiff_jax import quant, rope, sharding, vision
 from nemodiff_jax.attention import chunk_attention, sdpa
 from nemodiff_jax.cache import KVCache, write_chunk
 from nemodiff_jax.config import Config, Quantization
 
 
 # The matmul weights a quantized model stores as quant.QWeight, with the leading axes each one contracts.
+# Selected by name: the vision tower's weights are named otherwise (vision.py) and stay 16-bit.
 QUANTIZABLE = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1, "diffusion_head": 1}
 HEAD_FORMAT = "int8"  # for both formats: an int4 head costs 1.6 more perplexity (docs/QUANTIZATION.md)
 
@@ -174,13 +180,40 @@ class Transformer(nnx.Module):
             self.diffusion_head = None
         else:
             self.diffusion_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        if cfg.vision is None:
+            self.vision_tower = self.multi_modal_projector = None
+        else:
+            self.vision_tower = vision.VisionTower(cfg.vision, rngs, dtype)
+            self.multi_modal_projector = vision.MultiModalProjector(cfg, rngs, dtype)
 
-    def hidden(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto"):
-        """Final normalised hidden states [B,T,D] and the cache."""
+    def encode_images(self, images: vision.ImagePatches) -> jax.Array:
+        """Image features float32 [M, D] for the patches of one or more images (vision.patchify), in the order
+        their placeholders appear in the prompt."""
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower (its config.json is a text-only NLD config)")
+        with jax.named_scope("vision_tower"):
+            features = self.vision_tower(images)
+        with jax.named_scope("projector"):
+            return self.multi_modal_projector(features, images.merge_index)
+
+    def embed(self, tokens: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
+        """Input embeddings [B,T,D] of token ids [B,T]; with image_features [M,D], the M image placeholders
+        (config.vision.image_token_id) take them in order (vision.splice_image_features: the counts must match)."""
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        if image_features is None:
+            return x
+        if self.config.vision is None:
+            raise ValueError("image features given, but this model has no vision tower (text-only config)")
+        return vision.splice_image_features(x, tokens, image_features, self.config.vision.image_token_id)
+
+    def hidden(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto",
+               embeds=None):
+        """Final normalised hidden states [B,T,D] and the cache. `embeds` [B,T,D] (from `embed`, e.g. a prefill
+        with images) replaces the token lookup; `tokens` is then unused and may be None."""
         cfg = self.config
         if cache is not None:
-            cache.check_fits(tokens.shape[1])
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+            cache.check_fits((tokens if embeds is None else embeds).shape[1])
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0) if embeds is None else embeds.astype(self.dtype)
         cos, sin = rope.cos_sin(cfg, positions)
         qscale = rope.llama4_query_scale(cfg, positions)
         for i, layer in enumerate(self.layers):
@@ -195,8 +228,10 @@ class Transformer(nnx.Module):
             return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
         return _dense("btd,dv->btv", h, self.diffusion_head, self.matmul_impl, jnp.float32)
 
-    def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto"):
-        h, cache = self.hidden(tokens, positions, cache, causal=causal, mask=mask, lora=lora, attn_impl=attn_impl)
+    def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto",
+                 embeds=None):
+        h, cache = self.hidden(tokens, positions, cache, causal=causal, mask=mask, lora=lora, attn_impl=attn_impl,
+                               embeds=embeds)
         with jax.named_scope("head"):
             return self.head(h), cache
 

@@ -1,5 +1,5 @@
 """Rotary embeddings: YaRN inverse frequencies exactly as transformers computes them, rotate-half layout,
-and the Llama-4 query temperature (spec §3.4-3.5)."""
+the Llama-4 query temperature (spec §3.4-3.5), and the VLM tower's 2-D (row, column) RoPE (spec §12)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from nemodiff_jax.config import Config, yarn_get_mscale
+from nemodiff_jax.config import Config, VisionConfig, yarn_get_mscale
 
 
 def inv_freq_and_attention_factor(cfg: Config) -> tuple[np.ndarray, float]:
@@ -69,3 +69,18 @@ def llama4_query_scale(cfg: Config, positions: jnp.ndarray) -> jnp.ndarray | Non
         return None
     steps = jnp.floor(positions.astype(jnp.float32) / cfg.rope_original_max_position_embeddings)
     return 1.0 + cfg.llama_4_scaling_beta * jnp.log(1.0 + steps)
+
+
+def pixtral_cos_sin(vcfg: VisionConfig, rows: jnp.ndarray, cols: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin float32 [P, H] of Pixtral's 2-D RoPE for patches at grid (rows[P], cols[P]) of their image.
+
+    Of the H/2 plain inverse frequencies, the even-indexed ones turn with the patch row and the odd-indexed
+    ones with the column; [row part | column part] is then duplicated for rotate-half (apply_rope), as
+    transformers' PixtralVisionRotaryEmbedding lays it out. Positions restart at (0, 0) in every image."""
+    dim = vcfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(vcfg.rope_theta), exponents, dtype=np.float32))
+    freqs = jnp.concatenate([rows.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq[0::2]),
+                             cols.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq[1::2])], axis=-1)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
