@@ -1,7 +1,10 @@
 """Batch generation jobs: JSONL in -> JSONL out, on the serving engine, resumable, one file per process.
 
-Input lines: {"id": ..., "prompt": str | [int] | "messages": [...], optional "mode", "max_new_tokens",
-"temperature", "seed", "max_thinking_tokens", "chat_template_kwargs"}. Output lines: {"id", "text", "tokens",
+Input lines: {"id": ..., "prompt": str | [int] | "messages": [...], optional "images", "mode", "max_new_tokens",
+"temperature", "seed", "max_thinking_tokens", "chat_template_kwargs"}. Images (VLM checkpoints): "images" beside a
+text prompt (each at the prompt's "<image>" markers, in order, or all before its text), or image parts in the
+messages' content; each a file path relative to the input file, a data: URL or bare base64 data. An image that
+cannot be read fails its own line (reported, skipped), as any malformed line. Output lines: {"id", "text", "tokens",
 "stats"}, appended and flushed one result at a time, so a killed job loses nothing it finished; on restart, ids
 already in the output are skipped and a torn last line is cut off. Malformed input lines are reported with their line number and the job goes on.
 
@@ -25,14 +28,16 @@ import jax
 from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 
+from nemodiff_jax import multimodal
 from nemodiff_jax.engine import Engine, Handle
 from nemodiff_jax.engine import Request as EngineRequest
 from nemodiff_jax.generate import MODE_OPTIONS, MODES, Generator
+from nemodiff_jax.multimodal import Prompt
 from nemodiff_jax.slots import RowPlan
 from nemodiff_jax.tokenizer import RESERVED_TEMPLATE_KEYS
 
-REQUEST_KEYS = {"id", "prompt", "messages", "mode", "max_new_tokens", "temperature", "seed", "chat_template_kwargs",
-                "max_thinking_tokens"}
+REQUEST_KEYS = {"id", "prompt", "messages", "images", "mode", "max_new_tokens", "temperature", "seed",
+                "chat_template_kwargs", "max_thinking_tokens"}
 
 
 class BadRequest(ValueError):
@@ -49,6 +54,7 @@ class Request:
     temperature: float
     seed: int
     max_thinking_tokens: int | None = None
+    prompt: Prompt | None = None  # a prompt with images (read and sized; their pixels are made at admission)
 
 
 def template_kwargs(line_no: int, obj: dict) -> dict:
@@ -91,23 +97,42 @@ def parse_request(line_no: int, raw: str, gen: Generator, job: Job) -> Request:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
         raise BadRequest(f"line {line_no}: seed must be an int in [0, 2**32)")
     chat_kwargs = template_kwargs(line_no, obj)
+    images = obj.get("images")
+    if images is not None and (not isinstance(images, list) or "messages" in obj):
+        raise BadRequest(f"line {line_no}: 'images' must be a list beside a 'prompt' string (with 'messages', "
+                         "images go in the content parts)")
+    if images and not isinstance(obj["prompt"], str):
+        raise BadRequest(f"line {line_no}: 'images' needs a text 'prompt' (images go at its '<image>' markers, or "
+                         "before its text)")
+    base = Path(job.input).parent  # image paths are relative to the input file
+    name = f"line {line_no}"
+
+    def resolve(source, label):
+        return multimodal.file_or_base64(source, base, label)
+
     try:
         if "messages" in obj:
             if gen.tokenizer is None:
                 raise ValueError("'messages' needs a tokenizer with a chat template")
-            ids = gen.tokenizer.apply_chat_template(obj["messages"], tokenize=True, add_generation_prompt=True,
-                                                    **chat_kwargs)
+            prompt = gen.encode_chat(obj["messages"], add_generation_prompt=True, resolve=resolve, deferred=True,
+                                     name=name, **chat_kwargs)
+            prompt = gen.prepare([prompt], deferred=True, names=[name])[0]
+        elif images:
+            sources = [resolve(src, f"{name} image {j}") for j, src in enumerate(images)]
+            prompt = gen.prepare([{"text": obj["prompt"], "images": sources}], deferred=True, names=[name])[0]
         else:
-            ids = gen.encode_prompts([obj["prompt"]])[0]
-    except (ValueError, TypeError, TemplateError) as e:  # a template's raise_exception too
-        raise BadRequest(f"line {line_no}: {e}") from None
+            prompt = gen.prepare([obj["prompt"]], names=[name])[0]
+    except (ValueError, TypeError, TemplateError) as e:  # a template's raise_exception too; a bad image
+        raise BadRequest(f"{e}" if str(e).startswith(name) else f"{name}: {e}") from None
+    ids = prompt.ids
     if len(ids) > job.max_prompt_tokens:
-        raise BadRequest(f"line {line_no}: prompt of {len(ids)} tokens exceeds the job's limit "
-                         f"{job.max_prompt_tokens} (--max-prompt-tokens)")
+        raise BadRequest(f"line {line_no}: prompt of {len(ids)} tokens{prompt.describe_images()} exceeds the job's "
+                         f"limit {job.max_prompt_tokens} (--max-prompt-tokens)")
     think = obj.get("max_thinking_tokens")
     if think is not None and (not isinstance(think, int) or isinstance(think, bool) or not 0 <= think < 2 ** 31):
         raise BadRequest(f"line {line_no}: max_thinking_tokens must be an int in [0, 2**31)")
-    return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed, think)
+    return Request(line_no, str(obj["id"]), ids, mode, max_new, float(temperature), seed, think,
+                   prompt if prompt.images else None)
 
 
 def read_done_ids(path: Path, repair: bool = True) -> set[str]:
@@ -209,7 +234,7 @@ def run_batch_job(gen: Generator, job: Job) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc="batch", unit="req", disable=not job.progress)
     for r in pending:  # all queued before the engine starts: its first admissions fill every slot
-        engine.submit(EngineRequest(prompt=r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
+        engine.submit(EngineRequest(prompt=r.prompt or r.ids, mode=r.mode, max_new_tokens=r.max_new_tokens,
                                     temperature=r.temperature, top_k=job.top_k, top_p=job.top_p, seed=r.seed,
                                     options=plan_options(r.mode, job), max_thinking_tokens=r.max_thinking_tokens,
                                     id=r.id))

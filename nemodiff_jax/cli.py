@@ -64,14 +64,21 @@ def cmd_generate(args) -> int:
     gen = load(args.model or default_model(), dtype=args.dtype, drafter=drafter_arg(args), progress=False,
                mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False), quantize=args.quantize)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    images = args.image or []
     if args.chat:
         if gen.tokenizer is None:
             raise SystemExit("--chat needs a tokenizer in the model directory")
-        # token ids, encoded without adding specials (as transformers and NVIDIA do: the template has no BOS)
-        prompt = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                   add_generation_prompt=True, enable_thinking=args.thinking)
+        # token ids, encoded without adding specials (as transformers and NVIDIA do: the template has no BOS);
+        # images where the prompt's <image> markers are, or before its text
+        from nemodiff_jax.multimodal import content_parts
+
+        content = content_parts(prompt, images, "--prompt") if images else prompt
+        prompt = gen.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True,
+                                 name="--prompt", enable_thinking=args.thinking)
     elif args.thinking:
         raise ValueError("--thinking turns on the chat template's thinking: it needs --chat")
+    elif images:
+        prompt = {"text": prompt, "images": images}
     stream_decoder = gen.tokenizer.stream_decoder() if gen.tokenizer is not None else None
     result = None
     for item in gen.stream(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
@@ -193,7 +200,8 @@ def cmd_serve(args) -> int:
                mesh=mesh_from_args(args.tensor_parallel_size, data_parallel=False), quantize=args.quantize)
     name = args.served_model_name or (args.model if args.model else "nemodiff-embedded")
     serve.run(gen, name, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
-              log_level=args.log_level, warmup=args.warmup, slots=args.slots,
+              log_level=args.log_level, warmup=args.warmup, allowed_media_dirs=args.allowed_media_dir or (),
+              slots=args.slots,
               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
     return 0
 
@@ -204,7 +212,7 @@ def add_train_arguments(p: argparse.ArgumentParser, *, train: Path | None = None
     its repository paths as defaults). Unset values are None: TrainJob's (or its preset's) default applies."""
     p.add_argument("--preset", default="default",
                    help="model geometry and schedule (nemodiff_jax/trainer.py PRESETS: default = the embedded "
-                        "model's recipe, micro = a CPU smoke run, code); the flags below override it")
+                        "model's recipe, micro = a CPU smoke run); the flags below override it")
     p.add_argument("--train", type=Path, default=train, help="training text (documents split by 4 newlines)")
     p.add_argument("--val", type=Path, default=val, help="validation text")
     p.add_argument("--out", type=Path, default=out, help="HF export directory")
@@ -349,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate for one prompt, streaming text, then print stats")
     sampling_args(g)
     g.add_argument("--prompt", required=True, help="prompt text, or - to read stdin")
+    g.add_argument("--image", action="append", metavar="FILE",
+                   help="an image for a VLM checkpoint (repeat for several): each goes where the prompt has an "
+                        "'<image>' marker, in order, or before the prompt's text when it has none")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the chat template (one user turn, generation prompt added)")
     g.add_argument("--thinking", action="store_true",
@@ -406,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest prompt taken (default: the engine's); slots are sized for it")
     sv.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                     help="largest max_tokens taken (default: the engine's); slots are sized for it")
+    sv.add_argument("--allowed-media-dir", action="append", metavar="DIR",
+                    help="VLM checkpoints: image parts may name local files (a path or file:// URL) inside DIR "
+                         "(repeatable); without it only base64 data: URLs are taken. Remote URLs never are")
     sv.add_argument("--served-model-name", default=None,
                     help="the model's name in the API (default: --model as given, or nemodiff-embedded)")
     sv.add_argument("--warmup", action="store_true",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from nemodiff_jax.decoding.common import Options, State
 from nemodiff_jax.generate import MODES, Generator, Result
+from nemodiff_jax.multimodal import Prompt
 from nemodiff_jax.slots import Pool, RowPlan, buffer_sizes, round_up, row_tokens
 
 
@@ -41,10 +42,12 @@ class Cancelled(RuntimeError):
 
 @dataclasses.dataclass
 class Request:
-    """One generation request. `prompt`: a string (the model's tokenizer) or token ids. `options`: the mode's
-    options (diffusion: block_size, policy, threshold, steps; linear_spec: block_size, threshold)."""
+    """One generation request. `prompt`: a string (the model's tokenizer), token ids, or anything else
+    Generator.prepare takes (a {"text", "images"} dict, a {"messages"} chat, a multimodal.Prompt: images for a
+    VLM). `options`: the mode's options (diffusion: block_size, policy, threshold, steps; linear_spec:
+    block_size, threshold)."""
 
-    prompt: str | Sequence[int]
+    prompt: str | Sequence[int] | dict | Prompt
     mode: str = "ar"
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -215,19 +218,22 @@ class Engine:
     def slots_in_use(self) -> int:
         return sum(p.n - len(p.free()) for p in list(self.pools.values()))
 
-    def plan(self, r: Request) -> tuple[list[int], RowPlan]:
-        """The request's prompt ids and validated settings, within the engine's limits."""
-        ids = self.gen.encode_prompts([r.prompt])[0]
+    def plan(self, r: Request) -> tuple[list[int] | Prompt, RowPlan]:
+        """The request's prompt (ids; a multimodal.Prompt when it has images) and validated settings, within
+        the engine's limits. Images that are not preprocessed yet stay deferred (multimodal.ImageRef): their
+        pixels are made when the request is admitted."""
+        prompt = self.gen.prepare([r.prompt], deferred=True, names=[f"request {r.id!r}"])[0]
+        ids = prompt.ids
         if len(ids) > self.max_prompt_tokens:
-            raise ValueError(f"prompt: {len(ids)} tokens exceed the engine's max_prompt_tokens "
-                             f"{self.max_prompt_tokens}")
+            raise ValueError(f"prompt: {len(ids)} tokens{prompt.describe_images()} exceed the engine's "
+                             f"max_prompt_tokens {self.max_prompt_tokens}")
         if isinstance(r.max_new_tokens, int) and r.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max_new_tokens {r.max_new_tokens} exceeds the engine's limit {self.max_new_tokens}")
         if not isinstance(r.seed, int) or isinstance(r.seed, bool) or not 0 <= r.seed < 2 ** 32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {r.seed!r}")
         plan = self.gen.check_request(r.mode, r.max_new_tokens, len(ids), r.temperature, r.top_k, r.top_p,
                                       r.stop_token_ids, None, dict(r.options), r.max_thinking_tokens)
-        return ids, self.gen.prompt_plan(plan, ids)
+        return (prompt if prompt.images else ids), self.gen.prompt_plan(plan, ids)
 
     # ------------------------------------------------------------------ the worker
 
@@ -301,13 +307,19 @@ class Engine:
             self._finish(h, error=Cancelled(f"request {h.id!r} was cancelled"))
         waiting[:] = [w for w in waiting if not w[0].cancelled]
         free = pool.free()
-        if waiting and free:
-            admit = {}
-            for i in free[: len(waiting)]:
-                h, ids, plan = waiting.pop(0)
-                admit[i] = (h, ids, h.request.seed, plan)
-                self._emitted[(opts, i)] = 0
-            pool.admit(admit)
+        admit = {}
+        while waiting and free:
+            h, prompt, plan = waiting.pop(0)
+            if isinstance(prompt, Prompt):
+                try:  # the pixels of deferred images: a file that went bad fails its request alone
+                    prompt = prompt.materialized()
+                except Exception as e:  # noqa: BLE001
+                    self._finish(h, error=e)
+                    continue
+            i = free.pop(0)
+            admit[i] = (h, prompt, h.request.seed, plan)
+            self._emitted[(opts, i)] = 0
+        pool.admit(admit)
         if not pool.busy():
             return
         t0 = time.perf_counter()

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemodiff_jax import multimodal
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import diffusion
 from nemodiff_jax.decoding.common import MAX_STOP_IDS, Options, State
 from nemodiff_jax.lora import ADAPTER_CONFIG, DRAFTER_DIR, LoRA, load_lora
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
+from nemodiff_jax.multimodal import Prompt
 from nemodiff_jax.quant import FORMATS as QUANT_FORMATS
 from nemodiff_jax.sampling import Sampling
 from nemodiff_jax.slots import MODES, Pool, RowPlan, Runtime, buffer_sizes, host_rows, round_up, row_tokens
@@ -112,30 +114,133 @@ class Generator:
     # ------------------------------------------------------------------ generation
 
     def encode_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        """The token ids of each prompt (`prepare`; a prompt with images gives its ids with the image blocks)."""
+        return [p.ids for p in self.prepare(prompts)]
+
+    def prepare(self, prompts, deferred: bool = False, names: Sequence[str] | None = None) -> list[Prompt]:
+        """Validated, encoded prompts (multimodal.Prompt: ids, images). A prompt is a string (the tokenizer's
+        encoding, as it always was), token ids, a dict {"text": str, "images": [...]} (images placed at the
+        text's IMAGE_MARKERs, or before the text when it has none: multimodal.split_markers), a dict
+        {"messages": [...], "chat_template_kwargs"?: {...}} (encode_chat), or a Prompt. Images are PIL images,
+        paths, bytes or data: URLs (preprocessed here; with `deferred` only read and sized, their pixels made at
+        admission: multimodal.ImageRef). Errors name the prompt (`names[i]`, default "prompt i") and the image."""
+        if isinstance(prompts, (str, bytes, dict, Prompt)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings, token-id lists or {'text', 'images'} "
+                             "dicts")
         out = []
         for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if not p:
-                    raise ValueError(f"prompt {i} is empty")
-                if self.tokenizer is None:
-                    raise ValueError("this model directory has no tokenizer: pass token-id lists, not strings")
-                ids = self.tokenizer.encode(p)
-            elif isinstance(p, (bytes, dict)) or not isinstance(p, Sequence | np.ndarray):
-                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
-            else:
-                if not all(_is_int(t) for t in p):
-                    bad = next(t for t in p if not _is_int(t))
-                    raise ValueError(f"prompt {i}: token ids must be integers, got {bad!r}")
-                ids = [int(t) for t in p]
-            if not ids:
-                raise ValueError(f"prompt {i} is empty")
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i}: token id(s) {bad[:5]} outside [0, {self.config.vocab_size})")
-            out.append(ids)
+            name = f"prompt {i}" if names is None else names[i]
+            out.append(self._check_prompt(self._encode_one(p, name, deferred), name))
         return out
+
+    def _encode_one(self, p, name: str, deferred: bool) -> Prompt:
+        if isinstance(p, Prompt):
+            vcfg = self.config.vision
+            images = p.images
+            if images and vcfg is not None:
+                images = tuple(multimodal.prepare_image(im, vcfg, f"{name} image {j}", deferred)
+                               for j, im in enumerate(images))
+            return Prompt([int(t) for t in p.ids], images)
+        if isinstance(p, dict):
+            return self._encode_dict(p, name, deferred)
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"{name} is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer: pass token-id lists, not strings")
+            return Prompt(self.tokenizer.encode(p))
+        if isinstance(p, bytes) or not isinstance(p, Sequence | np.ndarray):
+            raise ValueError(f"{name} must be a string, a list of token ids or a {{'text', 'images'}} dict, got "
+                             f"{type(p).__name__}")
+        if not all(_is_int(t) for t in p):
+            bad = next(t for t in p if not _is_int(t))
+            raise ValueError(f"{name}: token ids must be integers, got {bad!r}")
+        return Prompt([int(t) for t in p])
+
+    def _encode_dict(self, p: dict, name: str, deferred: bool) -> Prompt:
+        if "messages" in p:
+            unknown = set(p) - {"messages", "chat_template_kwargs"}
+            if unknown:
+                raise ValueError(f"{name}: unknown key(s) {sorted(unknown)} beside 'messages' (images go in the "
+                                 "messages' content parts)")
+            kwargs = p.get("chat_template_kwargs") or {}
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{name}: chat_template_kwargs must be a dict")
+            return self.encode_chat(p["messages"], deferred=deferred, name=name, **kwargs)
+        unknown = set(p) - {"text", "images"}
+        if unknown or not isinstance(p.get("text"), str):
+            raise ValueError(f"{name}: a dict prompt is {{'text': str, 'images': [...]}} or {{'messages': [...]}}"
+                             f"{f', got unknown key(s) {sorted(unknown)}' if unknown else ''}")
+        sources = p.get("images") or []
+        if isinstance(sources, (str, bytes)) or not isinstance(sources, Sequence):
+            raise ValueError(f"{name}: 'images' must be a list of images (PIL images, paths, bytes or data: URLs)")
+        if self.tokenizer is None:
+            raise ValueError("this model directory has no tokenizer: a text prompt needs one")
+        pieces = multimodal.split_markers(p["text"], len(sources), name)
+        if not sources:
+            if not p["text"]:
+                raise ValueError(f"{name} is empty")
+            return Prompt(self.tokenizer.encode(p["text"]))
+        images = self._images(sources, name, deferred, [f"{name} image {j}" for j in range(len(sources))])
+        return multimodal.encode_pieces(self.tokenizer, pieces, images, self.config.vision, add_special_tokens=True)
+
+    def _images(self, sources, name: str, deferred: bool, labels: Sequence[str]) -> list:
+        vcfg = self.config.vision
+        if vcfg is None:
+            raise ValueError(f"{name}: {len(sources)} image(s) given, but this checkpoint is text-only (its "
+                             "config.json has no vision_config): images need a VLM checkpoint")
+        return [multimodal.prepare_image(src, vcfg, label, deferred) for src, label in zip(sources, labels)]
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, resolve: multimodal.Resolver | None = None,
+                    deferred: bool = False, name: str = "messages", **template_kwargs) -> Prompt:
+        """A chat (OpenAI-style messages) rendered with the model's chat template, as `generate` takes it. Content
+        may be a string or a list of parts: text parts, and image parts (`{"type": "image_url", "image_url":
+        {"url": ...}}` or `{"type": "image", "image" | "url" | "path": ...}`) placed where they are
+        (multimodal.flatten_messages). `resolve(source, label)` turns an image part's source into something
+        load_image reads (the server's media policy, a batch job's relative paths); default: as given. Errors name
+        the part: `messages[i].content[j]`, after `name` unless it is the default.
+        A chat without images is encoded exactly as `tokenizer.apply_chat_template(..., tokenize=True)`."""
+        if self.tokenizer is None:
+            raise ValueError("chat messages need a tokenizer with a chat template")
+        flat, parts = multimodal.flatten_messages(messages)
+        if not parts:
+            return Prompt(self.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                             add_generation_prompt=add_generation_prompt,
+                                                             **template_kwargs))
+        labels = [label if name == "messages" else f"{name} {label}" for _, label in parts]
+        sources = [src if resolve is None else resolve(src, label) for (src, _), label in zip(parts, labels)]
+        images = self._images(sources, name, deferred, labels)
+        text = self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **template_kwargs)
+        count = text.count(multimodal.IMAGE_MARKER)
+        if count != len(images):
+            raise multimodal.MarkerCountError(
+                f"{name}: the rendered chat has {count} image marker(s) {multimodal.IMAGE_MARKER!r} for "
+                f"{len(images)} image part(s) (a marker typed in the text, or a template that dropped a message)")
+        return multimodal.encode_pieces(self.tokenizer, text.split(multimodal.IMAGE_MARKER), images,
+                                        self.config.vision, add_special_tokens=False)
+
+    def _check_prompt(self, p: Prompt, name: str) -> Prompt:
+        cfg = self.config
+        if not p.ids:
+            raise ValueError(f"{name} is empty")
+        bad = [t for t in p.ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token id(s) {bad[:5]} outside [0, {cfg.vocab_size})")
+        if p.images and cfg.vision is None:
+            raise ValueError(f"{name}: {len(p.images)} image(s) given, but this checkpoint is text-only (its "
+                             "config.json has no vision_config): images need a VLM checkpoint")
+        if cfg.vision is not None:
+            pads = sum(1 for t in p.ids if t == cfg.vision.image_token_id)
+            if pads != p.num_image_tokens:
+                raise multimodal.MarkerCountError(
+                    f"{name}: the prompt holds {pads} image placeholder token(s) (id {cfg.vision.image_token_id}) "
+                    f"but its {len(p.images)} image(s) fill {p.num_image_tokens}: place images with "
+                    f"{multimodal.IMAGE_MARKER!r} markers (or image parts), not by writing image tokens")
+        if p.images and len(p.ids) >= cfg.max_position_embeddings:
+            raise ValueError(f"{name}: {len(p.ids)} tokens{p.describe_images()} do not fit the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}: use fewer or smaller images")
+        return p
 
     def prompt_plan(self, plan: RowPlan, ids: Sequence[int]) -> RowPlan:
         """The plan for one prompt: a prompt whose thinking is already closed (its last think tag is </think>,
@@ -210,8 +315,8 @@ class Generator:
                mode_options, max_thinking_tokens=None) -> tuple[Pool, int]:
         """A pool of one row per prompt (padded to a whole number of rows per mesh "data" device), every
         prompt admitted (prefilled); returns it and the number of real prompts."""
-        ids = self.encode_prompts(prompts)
-        n_real = len(ids)
+        prompts = self.prepare(prompts)
+        n_real = len(prompts)
         if not _is_int(seed) and not (isinstance(seed, Sequence | np.ndarray) and not isinstance(seed, str)):
             raise ValueError(f"seed must be an int or one int per prompt, got {seed!r}")
         seeds = [seed + i for i in range(n_real)] if _is_int(seed) else list(seed)
@@ -220,21 +325,25 @@ class Generator:
         if not all(_is_int(x) and 0 <= x < 2 ** 32 for x in seeds):
             raise ValueError(f"seed must be an int in [0, 2**32) (row i uses seed + i), got {seed!r}")
         pad = round_up(n_real, self.runtime.data_rows) - n_real  # copies of the first prompt, results dropped
-        ids, seeds = ids + [ids[0]] * pad, seeds + [seeds[0]] * pad
-        longest = max(len(p) for p in ids)
+        prompts, seeds = prompts + [prompts[0]] * pad, seeds + [seeds[0]] * pad
+        longest = max(len(p.ids) for p in prompts)
         plan = self.check_request(mode, max_new_tokens, longest, temperature, top_k, top_p, stop_token_ids, lora,
                                   mode_options, max_thinking_tokens)
         lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
         capacity, out_len = buffer_sizes(longest, max_new_tokens, plan.block)
-        pool = Pool(self.runtime, plan.opts, lora_obj, len(ids), capacity, out_len)
-        pool.admit({i: (i, p, s, self.prompt_plan(plan, p)) for i, (p, s) in enumerate(zip(ids, seeds))})
+        pool = Pool(self.runtime, plan.opts, lora_obj, len(prompts), capacity, out_len)
+        pool.admit({i: (i, p if p.images else p.ids, s, self.prompt_plan(plan, p.ids))
+                    for i, (p, s) in enumerate(zip(prompts, seeds))})
         return pool, n_real
 
     def generate(self, prompts, mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
                  stop_token_ids: Sequence[int] | None = None, lora=None, loop: str = "device",
                  max_thinking_tokens: int | None = None, **mode_options) -> list[Result]:
-        """Generates for a batch of prompts (strings or token-id lists) with the chosen mode.
+        """Generates for a batch of prompts with the chosen mode: strings, token-id lists, {"text": ...,
+        "images": [...]} dicts (VLM checkpoints: images as PIL images, paths, bytes or data: URLs, placed at the
+        text's "<image>" markers, or before the text when it has none), {"messages": [...]} chats (image parts
+        where they are) or multimodal.Prompt objects (`prepare`, `encode_chat`). Images enter the prefill only.
 
         mode_options: diffusion: block_size, policy ('threshold' | 'low_confidence' | 'leftmost'), threshold,
         steps; linear_spec: block_size, threshold (0 = one draft pass). `seed`: an int (row i uses seed+i) or

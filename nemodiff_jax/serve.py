@@ -2,7 +2,10 @@
 
     GET  /v1/models             the one served model
     POST /v1/completions        prompt: a string or token ids
-    POST /v1/chat/completions   messages, rendered with the model's chat template
+    POST /v1/chat/completions   messages, rendered with the model's chat template; on a VLM checkpoint content
+                                may hold image parts (OpenAI's image_url: a base64 data: URL, or a local path
+                                inside a directory the operator allows with --allowed-media-dir; never a remote
+                                URL), placed where they are (multimodal.py)
     GET  /health                200 {"status": "ok"} (never needs the API key)
     GET  /metrics               Prometheus text format
 
@@ -45,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nemodiff_jax.decoding.diffusion import POLICIES
 from nemodiff_jax.engine import Cancelled, Engine, QueueFull, Request
 from nemodiff_jax.generate import MODE_OPTIONS, MODES, Result
+from nemodiff_jax.multimodal import IMAGE_PART_TYPES, MediaPolicy, Prompt
 from nemodiff_jax.tokenizer import RESERVED_TEMPLATE_KEYS, MissingChatTemplateError
 
 log = logging.getLogger("uvicorn.error")  # shown wherever uvicorn's own messages are
@@ -172,9 +176,11 @@ class Job:
     stream: bool
     include_usage: bool
     max_thinking_tokens: int | None = None
+    images: tuple = ()  # preprocessed images, in the order of their blocks in `ids`
 
     def request(self, rid: str) -> Request:
-        return Request(prompt=self.ids, mode=self.mode, max_new_tokens=self.max_tokens, temperature=self.temperature,
+        prompt = Prompt(self.ids, self.images) if self.images else self.ids
+        return Request(prompt=prompt, mode=self.mode, max_new_tokens=self.max_tokens, temperature=self.temperature,
                        top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop_token_ids=self.stop_ids,
                        options=dict(self.options), max_thinking_tokens=self.max_thinking_tokens, id=rid)
 
@@ -276,10 +282,11 @@ class Server:
     """The state behind the app: generator (config, tokenizer), engine, served name, API key and counters."""
 
     def __init__(self, generator, engine: Engine, model_name: str, api_key: str | None = None,
-                 poll_s: float = 0.25):
+                 poll_s: float = 0.25, media: MediaPolicy | None = None):
         if generator.tokenizer is None:
             raise ValueError("nemodiff serve needs a tokenizer (tokenizer.json) in the model directory")
         self.gen, self.engine, self.model_name, self.api_key = generator, engine, model_name, api_key
+        self.media = media or MediaPolicy()  # image sources: data: URLs, local files only in allowed dirs
         self.tokenizer = generator.tokenizer
         self.config = generator.config
         self.poll_s = poll_s
@@ -341,7 +348,18 @@ class Server:
             raise APIError("'prompt' is required", "prompt")
         raise APIError("'prompt' must be a string or a list of token ids", "prompt")
 
-    def chat_prompt(self, body: dict) -> list[int]:
+    @staticmethod
+    def has_images(body: dict) -> bool:
+        """Whether a chat body has image content parts (their decoding runs off the event loop)."""
+        messages = body.get("messages")
+        return isinstance(messages, list) and any(
+            isinstance(m, dict) and isinstance(m.get("content"), list)
+            and any(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES for part in m["content"])
+            for m in messages)
+
+    def chat_prompt(self, body: dict) -> list[int] | Prompt:
+        """The chat's token ids, or with image parts a multimodal.Prompt (ids with each image's block where
+        its part is, and the preprocessed images)."""
         messages = body.get("messages")
         if messages is None:
             raise APIError("'messages' is required", "messages")
@@ -349,8 +367,9 @@ class Server:
             raise APIError("'messages' must be a list of messages", "messages")
         if not messages:
             raise APIError("'messages' must not be empty", "messages")
-        rendered = []
+        rendered, images = [], False
         for i, m in enumerate(messages):
+            has_image = False
             if not isinstance(m, dict):
                 raise APIError(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
             role = m.get("role")
@@ -358,15 +377,24 @@ class Server:
                 raise APIError(f"messages[{i}].role: unknown role {json.dumps(role)}; one of {list(CHAT_ROLES)}",
                                f"messages[{i}].role")
             content = m.get("content")
-            if isinstance(content, list):  # content parts: only text
+            if isinstance(content, list):  # content parts: text, and images for a VLM
                 texts = []
-                for part in content:
-                    if not (isinstance(part, dict) and part.get("type") == "text"
-                            and isinstance(part.get("text"), str)):
-                        raise APIError(f"messages[{i}].content: only text parts are supported",
+                for j, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind in IMAGE_PART_TYPES:
+                        if self.config.vision is None:
+                            raise APIError(f"messages[{i}].content[{j}]: this model is text-only (its checkpoint "
+                                           "has no vision tower): image parts are not supported",
+                                           f"messages[{i}].content")
+                        images = has_image = True
+                        continue
+                    if not (kind == "text" and isinstance(part.get("text"), str)):
+                        raise APIError(f"messages[{i}].content[{j}]: a content part must be a text part"
+                                       f"{' or an image part (image_url)' if self.config.vision else ''}",
                                        f"messages[{i}].content")
                     texts.append(part["text"])
-                content = "".join(texts)
+                if not has_image:
+                    content = "".join(texts)
             elif content is None and role == "assistant":
                 content = ""
             elif not isinstance(content, str):
@@ -387,6 +415,9 @@ class Server:
             # as `nemodiff generate --chat` and vLLM: the generation prompt added, the template's own
             # options (enable_thinking, truncate_history_thinking, ...) from chat_template_kwargs; encoded
             # without adding specials, as transformers does
+            if images:  # each image where its part is (Generator.encode_chat), read under the media policy
+                return self.gen.encode_chat(rendered, add_generation_prompt=True, resolve=self.media.resolve,
+                                            **kwargs)
             return self.tokenizer.apply_chat_template(rendered, tokenize=True, add_generation_prompt=True, **kwargs)
         except MissingChatTemplateError as e:
             raise APIError(f"{e}; use /v1/completions", "messages") from None
@@ -394,9 +425,13 @@ class Server:
             raise APIError(f"the chat template rejected the messages: {e}", "messages") from None
         except TypeError as e:  # a template that cannot use a chat_template_kwargs value
             raise APIError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+        except ValueError as e:  # an image: undecodable, refused by the media policy, markers that do not match
+            raise APIError(str(e), "messages") from None
 
-    def job(self, body: dict, ids: list[int], chat: bool) -> Job:
+    def job(self, body: dict, prompt: list[int] | Prompt, chat: bool) -> Job:
         cfg = self.config
+        ids, images = (prompt.ids, prompt.images) if isinstance(prompt, Prompt) else (prompt, ())
+        of_images = prompt.describe_images() if isinstance(prompt, Prompt) else ""
         mode = body.get("mode", "ar")
         if mode is None:
             mode = "ar"
@@ -461,10 +496,10 @@ class Server:
         prompt_field = "messages" if chat else "prompt"
         max_prompt, max_new = self.engine.max_prompt_tokens, self.engine.max_new_tokens
         if len(ids) + slack >= limit:
-            raise APIError(f"the prompt has {len(ids)} tokens (+{slack} block slack): the model's context is "
-                           f"{limit} positions", prompt_field)
+            raise APIError(f"the prompt has {len(ids)} tokens{of_images} (+{slack} block slack): the model's "
+                           f"context is {limit} positions", prompt_field)
         if max_prompt is not None and len(ids) > max_prompt:
-            raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt} "
+            raise APIError(f"the prompt has {len(ids)} tokens{of_images}; this server takes at most {max_prompt} "
                            "(nemodiff serve --max-prompt-tokens)", prompt_field)
         max_tokens = _int(body, "max_completion_tokens", None, lo=1) if chat else None
         max_tokens = _int(body, "max_tokens", max_tokens, lo=1)
@@ -482,7 +517,7 @@ class Server:
             raise APIError("'max_thinking_tokens' needs the model's tokenizer ('</think>')", "max_thinking_tokens")
         return Job(ids=ids, mode=mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, stop=stop, stop_ids=stop_ids, options=options, stream=stream,
-                   include_usage=include_usage, max_thinking_tokens=think)
+                   include_usage=include_usage, max_thinking_tokens=think, images=tuple(images))
 
     # ---- generation ------------------------------------------------------------------------
     def submit(self, job: Job, rid: str):
@@ -699,8 +734,11 @@ def create_app(server: Server) -> FastAPI:
         server.authorize(request)
         body = await server.json_body(request)
         server._check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-        ids = server.chat_prompt(body) if chat else server.completion_prompt(body)
-        job = server.job(body, ids, chat)
+        if chat and server.has_images(body):  # decoding and resizing images: off the event loop
+            prompt = await asyncio.to_thread(server.chat_prompt, body)
+        else:
+            prompt = server.chat_prompt(body) if chat else server.completion_prompt(body)
+        job = server.job(body, prompt, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         endpoint = request.url.path
@@ -796,10 +834,17 @@ def create_app(server: Server) -> FastAPI:
 
 
 def run(generator, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        max_queue: int = 64, log_level: str = "info", warmup: bool = False, **engine_options) -> None:
+        max_queue: int = 64, log_level: str = "info", warmup: bool = False, allowed_media_dirs=(),
+        **engine_options) -> None:
     """Starts the engine over `generator` (engine_options: Engine's slots, max_prompt_tokens, max_new_tokens,
-    segment_steps; unset ones keep the engine's defaults) and serves the app with uvicorn until interrupted."""
+    segment_steps; unset ones keep the engine's defaults) and serves the app with uvicorn until interrupted.
+    `allowed_media_dirs`: directories whose files image parts may name (a path or a file:// URL); data: URLs
+    are always taken, remote URLs never."""
     import uvicorn
+
+    media = MediaPolicy.of(allowed_media_dirs)
+    if media.allowed_dirs and generator.config.vision is None:
+        raise ValueError("--allowed-media-dir is for image inputs, but this model is text-only")
 
     engine = Engine(generator, max_queue=max_queue, **{k: v for k, v in engine_options.items() if v is not None})
     if warmup:
@@ -808,7 +853,7 @@ def run(generator, model_name: str, host: str = "127.0.0.1", port: int = 8000, a
         print(f"nemodiff serve: compiled every mode at every admission shape ({n} admissions) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     engine.start()
-    server = Server(generator, engine, model_name, api_key=api_key)
+    server = Server(generator, engine, model_name, api_key=api_key, media=media)
     app = create_app(server)
     limits = (f"slots per mode {engine.slots_per_pool}, max prompt tokens {engine.max_prompt_tokens}, "
               f"max new tokens {engine.max_new_tokens}")

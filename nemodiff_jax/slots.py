@@ -7,6 +7,11 @@ model's attention path and scatters their K/V into the shared cache; the other r
 copied. `run` advances the rows in one on-device while loop until a row finishes, all are done, or a step
 budget runs out; `steps` is its Python-loop twin.
 
+Prompts with images (a VLM: multimodal.Prompt) are admitted by a program of their own: the tower encodes the
+admission's images in one jitted call (patch count bucketed: patch_bucket), their features replace the
+placeholder embeddings (vision.place_image_features) and the prefill runs from the embeddings. The text
+admission, segment and step programs do not change: an image is prefix K/V like any other.
+
 Everything that decodes runs on pools: `Generator.generate` / `stream` (one pool per call) and the serving
 engine (engine.Engine: one pool per program, requests arriving and leaving), hence the batch job and the
 server.
@@ -24,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemodiff_jax import vision
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import ar, diffusion, speculative
 from nemodiff_jax.decoding.common import Options, RowSettings, State, cond, initial_state, prefill
+from nemodiff_jax.multimodal import Prompt, load_pixels
 
 MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative}
 ADMIT_MIN_WIDTH = 64  # admission prompt widths: powers of two from here (fewer shapes to compile)
@@ -123,6 +130,10 @@ def row_settings(plans: Sequence[RowPlan]) -> RowSettings:
                             [p.steps for p in plans], [p.think_budget for p in plans], [p.think_end for p in plans])
 
 
+def _ids(prompt) -> Sequence[int]:
+    return prompt.ids if isinstance(prompt, Prompt) else prompt
+
+
 def host_rows(st: State) -> State:
     """The per-row results on the host: the KV cache and the LoRA stay on the device (no GB-sized copy)."""
     return jax.device_get(dataclasses.replace(st, cache=None, lora=None))
@@ -152,13 +163,14 @@ def _set_rows(old, new, idx):
     return old.at[idx].set(new)
 
 
-def _admit(model, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options) -> State:
+def _admit(model, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: Options, embeds=None) -> State:
     """Prefills only the new rows (idx [k], prompts [k, P]) through the model's attention path into a k-row
     cache of the prompt's width, then scatters their K/V (P slots per row) and per-row state into the shared
-    state: the other rows' cache is not touched, nor copied."""
+    state: the other rows' cache is not touched, nor copied. `embeds` [k, P, D]: the prompts' input
+    embeddings (images spliced in), else the token lookup."""
     k, width = prompt.shape
     small = KVCache.init(model.config, k, round_up(width, 128), model.dtype)
-    last, small = prefill(model, prompt, lens, small, opts)
+    last, small = prefill(model, prompt, lens, small, opts, embeds)
     first = ar.first_token(last, small, keys, rows.sampling)
     new = initial_state(small, st.out.shape[1], keys, rows, st.lora, first)
     slots = jnp.arange(width)[None, :]
@@ -168,6 +180,15 @@ def _admit(model, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: O
         v=tuple(big.at[idx[:, None], slots].set(s[:, :width]) for big, s in zip(st.cache.v, small.v)))
     fields = {f: jax.tree.map(lambda a, b: _set_rows(a, b, idx), getattr(st, f), getattr(new, f)) for f in ROW_FIELDS}
     return dataclasses.replace(st, cache=cache, total_passes=st.total_passes + 1, **fields)
+
+
+def _admit_images(model, st: State, idx, prompt, lens, keys, rows: RowSettings, features, index,
+                  opts: Options) -> State:
+    """_admit for rows with images: the image features [M, D] (the tower's, model.encode_images) take the
+    placeholder rows that `index` [k, P] points from (-1: a text token), and the prefill runs from those
+    embeddings. Only admissions of rows with images run this program; after it the rows decode as any other."""
+    embeds = vision.place_image_features(model.embed(prompt), features, index)
+    return _admit(model, st, idx, prompt, lens, keys, rows, opts, embeds)
 
 
 def _segment(model, step_fn, opts: Options, st: State, max_steps, until_all) -> State:
@@ -192,13 +213,15 @@ class Programs:
     admit: object
     segment: object
     step: object
+    admit_images: object  # the admission of rows with images (compiled only when such a row comes)
 
     def compiled(self) -> int:
         """Compiled variants so far (shapes), for tests that count compiles."""
-        return sum(f._cache_size() for f in (self.admit, self.segment, self.step))
+        return sum(f._cache_size() for f in (self.admit, self.segment, self.step, self.admit_images))
 
 
 _PROGRAMS: dict[tuple, Programs] = {}  # (graphdef, step_fn, opts) -> its programs
+_ENCODERS: dict[object, object] = {}  # graphdef -> its jitted encode_images
 
 
 def programs(graphdef, step_fn, opts: Options) -> Programs:
@@ -219,8 +242,27 @@ def _build_programs(graphdef, step_fn, opts: Options) -> Programs:
     def step(params, st):
         return step_fn(nnx.merge(graphdef, params), st, opts)
 
+    def admit_images(params, st, idx, prompt, lens, keys, rows, features, index):
+        return _admit_images(nnx.merge(graphdef, params), st, idx, prompt, lens, keys, rows, features, index, opts)
+
     return Programs(admit=jax.jit(admit, donate_argnums=(1,)), segment=jax.jit(segment, donate_argnums=(1,)),
-                    step=jax.jit(step, donate_argnums=(1,)))
+                    step=jax.jit(step, donate_argnums=(1,)), admit_images=jax.jit(admit_images, donate_argnums=(1,)))
+
+
+def encoder(graphdef):
+    """The jitted image encoder of one module: ImagePatches -> features float32 [M, D] (model.encode_images);
+    one compile per patch-count bucket (patch_bucket)."""
+    if graphdef not in _ENCODERS:
+        _ENCODERS[graphdef] = jax.jit(lambda params, patches: nnx.merge(graphdef, params).encode_images(patches))
+    return _ENCODERS[graphdef]
+
+
+def patch_bucket(n: int, minimum: int = 64) -> int:
+    """A bucket of at least n patches with a quarter-octave step (64, 80, 96, 112, 128, 160, ...): few shapes
+    to compile, at most 25% padding (the tower's attention grows with the square of it)."""
+    n = max(n, minimum)
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return round_up(n, step)
 
 
 def clear_programs() -> None:
@@ -231,11 +273,14 @@ def clear_programs() -> None:
     per test module) reaches the kernel's vm.max_map_count (65530), after which XLA's allocations fail inside
     compiles (seen as segfaults and aborts in libgcc's unwinder). A server of one model builds a bounded set."""
     _PROGRAMS.clear()
+    _ENCODERS.clear()
 
 
 def compiled_programs() -> int:
-    """Compiled admit/segment/step variants over every program built so far (tests count compiles)."""
-    return sum(p.compiled() for p in list(_PROGRAMS.values()))
+    """Compiled admit/segment/step/image-encoder variants over every program built so far (tests count
+    compiles)."""
+    return (sum(p.compiled() for p in list(_PROGRAMS.values()))
+            + sum(f._cache_size() for f in list(_ENCODERS.values())))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -292,25 +337,68 @@ class Pool:
         return _empty_state(rt.config, rt.dtype, n, self.capacity, self.out_len, rt.cache_sharding(n), keys, rows,
                             self.lora)
 
-    def admit(self, items: dict[int, tuple[object, Sequence[int], int, RowPlan]]) -> None:
-        """items: slot -> (owner, prompt ids, seed, plan). The prompts are prefilled together, padded to a
-        power-of-two count and width (a handful of shapes: admission_shapes)."""
+    def admit(self, items: dict[int, tuple[object, Sequence[int] | Prompt, int, RowPlan]]) -> None:
+        """items: slot -> (owner, prompt, seed, plan); a prompt is token ids, or a multimodal.Prompt (ids and
+        images). The prompts are prefilled together, padded to a power-of-two count and width (a handful of
+        shapes: admission_shapes). Prompts with images are prefilled by a program of their own
+        (Programs.admit_images) after the tower has encoded their images; text rows never run it."""
         if not items:
             return
-        rt = self.rt
         if self.st is None:
             self.st = self._initial()
         now = time.perf_counter()
-        slots = sorted(items)
-        for i in slots:
+        for i in items:
             self.owner[i], self.started[i] = items[i][0], now
+        with_images = {i: it for i, it in items.items() if getattr(it[1], "images", ())}
+        text = {i: it for i, it in items.items() if i not in with_images}
+        for group in (text, with_images):
+            if group:
+                self._prefill(group, images=group is with_images)
+
+    def _prefill(self, items: dict, images: bool) -> None:
+        rt = self.rt
+        slots = sorted(items)
         pad = slots + [slots[0]] * (self._count(len(slots)) - len(slots))  # repeats rewrite one row, same values
-        ids = [items[i][1] for i in pad]
-        prompt, lens, keys = rt.prompt_rows(ids, bucket(max(map(len, ids)), ADMIT_MIN_WIDTH),
-                                            [items[i][2] for i in pad])
+        ids = [_ids(items[i][1]) for i in pad]
+        width = bucket(max(map(len, ids)), ADMIT_MIN_WIDTH)
+        prompt, lens, keys = rt.prompt_rows(ids, width, [items[i][2] for i in pad])
         rows = row_settings([items[i][3] for i in pad])
+        idx = np.asarray(pad, np.int32)
         with jax.default_matmul_precision(rt.precision):
-            self.st = self.programs.admit(rt.params, self.st, np.asarray(pad, np.int32), prompt, lens, keys, rows)
+            if not images:
+                self.st = self.programs.admit(rt.params, self.st, idx, prompt, lens, keys, rows)
+                return
+            features, index = self._image_features([items[i][1] for i in slots], slots, pad, width)
+            (index,) = rt.place_rows(jnp.asarray(index))
+            self.st = self.programs.admit_images(rt.params, self.st, idx, prompt, lens, keys, rows, features, index)
+
+    def _image_features(self, prompts: list, slots: list[int], pad: list[int], width: int):
+        """The tower's features of every image of `prompts` (one per slot, in `slots` order) in one encode,
+        the patch count bucketed (patch_bucket), and each padded row's index [len(pad), width] into them: the
+        k-th placeholder of a prompt takes its k-th feature (features beyond its own are never read)."""
+        vcfg = self.rt.config.vision
+        if vcfg is None:
+            raise ValueError("image prompts need a VLM checkpoint (this one has no vision tower)")
+        pixels, offsets, start = [], {}, 0
+        for slot, p in zip(slots, prompts):
+            offsets[slot] = start
+            for image in p.images:
+                image = load_pixels(image)
+                pixels.append(image.pixel_values)
+                start += image.num_image_tokens
+        n_patches = start * vcfg.spatial_merge_size ** 2
+        patches = vision.patchify(pixels, vcfg, pad_to=patch_bucket(n_patches))
+        features = encoder(self.rt.graphdef)(self.rt.params, patches)
+        index = np.full((len(pad), width), -1, np.int32)
+        by_slot = dict(zip(slots, prompts))
+        for r, slot in enumerate(pad):
+            p = by_slot[slot]
+            where = np.flatnonzero(np.asarray(p.ids) == vcfg.image_token_id)
+            if len(where) != p.num_image_tokens:
+                raise ValueError(f"slot {slot}: the prompt has {len(where)} image placeholders for "
+                                 f"{p.num_image_tokens} image features")
+            index[r, where] = offsets[slot] + np.arange(len(where), dtype=np.int32)
+        return features, index
 
     def advance(self, max_steps: int = 1 << 30, until_all: bool = False) -> None:
         """Runs one on-device loop: until a row finishes (or, with `until_all`, all are done) or max_steps."""

@@ -60,13 +60,19 @@ def merged_grid(height: int, width: int, vcfg: VisionConfig) -> tuple[int, int]:
     return height // cell, width // cell
 
 
-def patchify(images, vcfg: VisionConfig, image_sizes=None) -> ImagePatches:
+def patchify(images, vcfg: VisionConfig, image_sizes=None, pad_to: int | None = None) -> ImagePatches:
     """Cuts preprocessed images into the tower's patch sequence (numpy, on the host).
 
     `images`: a sequence of float arrays [C, H_i, W_i], or one array [N, C, H, W] (transformers' padded
     `pixel_values`). `image_sizes` [N, 2] (H_i, W_i), optional: the valid top-left region of each image (the
     rest, padding, is ignored, as transformers crops it). Every H_i, W_i must be a positive multiple of
-    patch_size * spatial_merge_size (the image processor resizes to that) and at most image_size."""
+    patch_size * spatial_merge_size (the image processor resizes to that) and at most image_size.
+
+    `pad_to` (a multiple of spatial_merge_size**2, at least the patch count): the sequence is padded to that many
+    patches, so that images of many sizes share a few compiled shapes. The padding patches are zeros in a
+    segment of their own (segment -1: no real patch attends to them, nor they to one) and make merged tokens of
+    their own after the real ones, which the caller drops: the real features are the first
+    sum(H_i W_i) / (patch * merge)**2 rows, unchanged."""
     if isinstance(images, np.ndarray | jax.Array):
         if np.ndim(images) != 4:
             raise ValueError(f"images: an array must be [N, C, H, W], got shape {np.shape(images)} (pass one "
@@ -105,6 +111,16 @@ def patchify(images, vcfg: VisionConfig, image_sizes=None) -> ImagePatches:
         r, c, dy, dx = np.meshgrid(np.arange(h // s), np.arange(w // s), np.arange(s), np.arange(s), indexing="ij")
         merge.append((start + (r * s + dy) * w + c * s + dx).reshape(-1, s * s).astype(np.int32))
         start += h * w
+    if pad_to is not None:
+        r = s * s
+        if pad_to < start or pad_to % r:
+            raise ValueError(f"pad_to={pad_to} must be a multiple of {r} and at least the {start} patches")
+        extra = pad_to - start
+        patches.append(np.zeros((extra, vcfg.num_channels, p, p), np.float32))
+        rows.append(np.zeros(extra, np.int32))
+        cols.append(np.zeros(extra, np.int32))
+        segments.append(np.full(extra, -1, np.int32))
+        merge.append((start + np.arange(extra, dtype=np.int32)).reshape(-1, r))
     return ImagePatches(*(jnp.asarray(np.concatenate(a)) for a in (patches, rows, cols, segments, merge)))
 
 
@@ -237,6 +253,16 @@ def splice_image_features(embeds: jax.Array, tokens: jax.Array, features: jax.Ar
     order = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1  # k-th placeholder takes feature k
     picked = jnp.take(features, jnp.clip(order, 0, features.shape[0] - 1), axis=0)
     return jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
+
+
+def place_image_features(embeds: jax.Array, features: jax.Array, index: jax.Array) -> jax.Array:
+    """embeds [B,T,D] with row (b, t) replaced by features[index[b, t]] where index >= 0 (features [M, D]).
+
+    `splice_image_features` with the order made explicit, for jitted batches: the caller (slots.Pool) builds
+    `index` on the host from the placeholder positions, so features may be padded to a bucketed M and one
+    prompt's rows may appear twice in a batch (both rows take the same features)."""
+    picked = jnp.take(features, jnp.clip(index, 0, features.shape[0] - 1), axis=0)
+    return jnp.where((index >= 0)[..., None], picked.astype(embeds.dtype), embeds)
 
 
 def check_placeholders(tokens, num_features: int, image_token_id: int) -> None:

@@ -84,11 +84,12 @@ class State:
     total_passes: jax.Array  # [] int32 forwards run for the whole batch
 
 
-def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Options, lora=None):
-    """One chunk forward at each row's own position (cache.lengths + arange(T)); cache written, not advanced."""
+def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Options, lora=None, embeds=None):
+    """One chunk forward at each row's own position (cache.lengths + arange(T)); cache written, not advanced.
+    `embeds` [B,T,D] (a prefill with images) replace the token lookup."""
     t = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl)
+    return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl, embeds=embeds)
 
 
 def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -104,10 +105,11 @@ def write_out(out: jax.Array, n_out: jax.Array, tokens: jax.Array, active: jax.A
     return out.at[jnp.arange(b)[:, None], cols].set(tokens, mode="drop")
 
 
-def prefill(model, prompt: jax.Array, prompt_lens: jax.Array, cache: KVCache, opts: Options):
+def prefill(model, prompt: jax.Array, prompt_lens: jax.Array, cache: KVCache, opts: Options, embeds=None):
     """Causal prefill of right-padded prompts [B, P]; returns the logits [B, V] at each row's last prompt
-    token and the cache advanced by each row's own length (padding K/V sit past it, overwritten later)."""
-    logits, cache = forward(model, prompt, cache, causal=True, opts=opts)
+    token and the cache advanced by each row's own length (padding K/V sit past it, overwritten later).
+    `embeds` [B, P, D]: the prompts' input embeddings (image features spliced in) instead of the lookup."""
+    logits, cache = forward(model, prompt, cache, causal=True, opts=opts, embeds=embeds)
     cache = cache.advance(prompt_lens)
     last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     return last, cache
