@@ -2,13 +2,12 @@
 objective and exports it in NLD HF format; `nemodiff train` is its command line (cli.py maps flags 1:1 onto
 TrainJob), `scripts/train_tiny.py` the same with the embedded model's data paths as defaults.
 
-    nemodiff train --train data/train.txt --val data/val.txt --out out/tiny   # the embedded model: 900 steps,
-                                                                              # ~4.5 min on one H200, 21 MB bf16
-    nemodiff train ... --minutes 8                  # fill a time budget (cosine horizon fitted to it)
+    nemodiff train --train data/code/train.txt --val data/code/val.txt --out out/code --minutes 4
+                                                    # the embedded model (the default preset): 4 min on one H100
     nemodiff train ... --steps 1200 --resume        # continue exactly from <work-dir>/ckpt
     nemodiff train ... --preset micro --steps 5     # CPU smoke run
-    nemodiff train ... --preset code --tokenizer DIR   # another corpus and tokenizer: vocab and special ids
-                                                       # come from DIR/tokenizer.json
+    nemodiff train ... --tokenizer DIR              # another corpus and tokenizer: vocab and special ids come
+                                                    # from DIR/tokenizer.json (default: the package's)
 
 Objective, optimizer, checkpoints and data live in nemodiff_jax/training.py; this is the loop around them:
 time budget, evaluation, best-params export, checkpoints, a JSONL log and a progress bar.
@@ -22,11 +21,10 @@ A resumed run continues bit for bit (params, optimizer state, data position and 
 checkpoint, or pure functions of the step). Its log is appended to, after dropping the records of steps past
 the checkpoint that a kill left behind (they are redone), so no step is logged twice.
 
-The embedded model's corpus is small (1.68M training tokens): at batch 64 x 512 an epoch is 51 steps, and
-validation L_AR stops improving after ~10-15 epochs (measured on an H200: best val loss near step 750 both for
-a 900-step schedule and for an 8-minute, 1600-step one, whose AR loss then rises while train loss keeps
-falling). Hence the default preset's 900 steps with a full cosine decay, and `export="best"` (the params of the
-best validation loss).
+`minutes` fits the cosine horizon to a wall-clock budget (measured after warm-up, refitted at every eval), so
+the learning rate reaches its floor near the deadline; `export="best"` exports the params of the best
+validation loss. The embedded model's corpus (scripts/code_corpus.py, 7.45M training tokens) is 2 epochs for
+its 4-minute run on an H100 (897 steps), where validation loss was still falling: longer runs should help.
 """
 
 from __future__ import annotations
@@ -70,17 +68,14 @@ class Preset:
 
 
 PRESETS = {
-    # 10.49M params (untied head: 2 x 8192 x 256 of them are embedding/head) -> 20.98 MB in bf16.
-    # Deep and narrow rather than 3 layers of 384: the byte budget is half embeddings either way.
-    "default": Preset(hidden=256, layers=8, heads=4, kv_heads=2, head_dim=64, intermediate=768, seq_len=512,
-                      batch=64, steps=900, lr=2e-3, warmup=200, eval_every=150, ckpt_every=300, log_every=50),
+    # The embedded model (docs/EMBEDDED_MODEL.md): 12.59M params (2 x 4096 x 384 of them embedding and untied
+    # head) -> 25.2 MB in bf16. Rows of 256 tokens (the block-diffusion doubled sequence is 512), batch 64.
+    "default": Preset(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, intermediate=1024, seq_len=256,
+                      batch=64, steps=2000, lr=2e-3, warmup=100, eval_every=200, ckpt_every=1000, log_every=20,
+                      val_rows=256),
     # CPU smoke test: same vocab and special ids, everything else minimal.
     "micro": Preset(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, seq_len=64,
                     batch=8, steps=5, lr=3e-3, warmup=2, eval_every=5, ckpt_every=5, log_every=1, val_rows=32),
-    # A code model: the default's width, 6 layers, shorter rows, more (smaller) steps, a capped validation.
-    "code": Preset(hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64, intermediate=768, seq_len=256,
-                   batch=32, steps=2000, lr=2e-3, warmup=100, eval_every=200, ckpt_every=200, log_every=20,
-                   val_rows=256),
 }
 
 BLOCK_SIZE = 32  # the inference block size of the released models (spec §2.1)

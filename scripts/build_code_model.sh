@@ -8,7 +8,9 @@
 # the manifest lists rather than that machine's stdlib). MINUTES is the model's training budget (default 8;
 # `nemodiff train --minutes` fits the cosine horizon to it). Logs and JSON go to OUT_DIR; the model to
 # OUT_DIR/code (with OUT_DIR/code/linear_spec_lora), ready to copy into nemodiff_jax/assets. ROLLOUTS (2048)
-# and DRAFTER_STEPS (600) size the drafter's run (small values make a CPU smoke run of the script).
+# and DRAFTER_STEPS (500) size the drafter's run (small values make a CPU smoke run of the script). The
+# drafter's rollouts run in float32 at full matmul precision (no TF32 on a GPU), so its targets are the greedy
+# tokens of the float32 CPU runs the targets are measured on.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: build_code_model.sh OUT_DIR [MINUTES]}")
 cd "$(dirname "$0")/.."
@@ -18,11 +20,12 @@ for need in data/code/train.txt data/code/val.txt out/code_tokenizer/tokenizer.j
   [ -f "$need" ] || { echo "missing $need: run scripts/code_corpus.py first" >&2; exit 2; }
 done
 mkdir -p "$out"
-$py -P -m nemodiff_jax.cli train --preset code --tokenizer out/code_tokenizer --train data/code/train.txt \
+$py -P -m nemodiff_jax.cli train --tokenizer out/code_tokenizer --train data/code/train.txt \
   --val data/code/val.txt --out "$out/code" --minutes "$minutes" --sample-prompt $'def main():\n' \
   --no-progress 2>&1 | tee "$out/train.log"
-$py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --val data/code/val.txt \
-  --rollouts "${ROLLOUTS:-2048}" --steps "${DRAFTER_STEPS:-600}" --batch 32 --no-progress 2>&1 | tee "$out/drafter.log"
+JAX_DEFAULT_MATMUL_PRECISION=highest $py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --val data/code/val.txt \
+  --rollouts "${ROLLOUTS:-2048}" --steps "${DRAFTER_STEPS:-500}" --batch 32 --rank 32 --no-progress 2>&1 \
+  | tee "$out/drafter.log"
 $py -P scripts/eval_code_model.py --model "$out/code" --val data/code/val.txt --out "$out/code_eval.json" \
   2>&1 | tee "$out/eval.log"
 du -sh "$out/code"

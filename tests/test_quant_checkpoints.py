@@ -24,6 +24,8 @@ from nemodiff_jax.generate import Generator
 from nemodiff_jax.model import Transformer, quantize_weights
 from nemodiff_jax.sharding import ShardedMatmul, make_mesh
 
+EMB = Config.from_file(ASSETS / "config.json")  # the embedded model: the geometry these checks expect
+
 # Every matmul dimension a multiple of 128 (int4 groups), heads that split over 2 model devices.
 CFG = Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
              head_dim=64, max_position_embeddings=512, rope_theta=1e4, rope_factor=4.0,
@@ -65,7 +67,7 @@ def test_convert_quantize_round_trip(tmp_path, fmt, to):
         t = read_hf_tensors(dst)
         assert "encoder.layers.0.self_attn.q_proj.weight" not in t
         q, s = t["encoder.layers.0.mlp.down_proj.qweight"], t["encoder.layers.0.mlp.down_proj.scales"]
-        d, f = 256, 768  # the embedded model's hidden and MLP sizes
+        d, f = EMB.hidden_size, EMB.intermediate_size
         assert (q.dtype, q.shape) == ((np.int8, (d, f)) if fmt == "int8" else (np.uint8, (d, f // 2)))
         assert s.shape == ((d,) if fmt == "int8" else (f // 128, d)) and s.dtype.name == "bfloat16"
         assert t["diffusion_head.qweight"].dtype == np.int8  # the head stays int8 in both formats
@@ -103,23 +105,25 @@ def _write(tmp_path, tensors, cfg):
 
 QW = "encoder.layers.1.self_attn.o_proj.qweight"
 SC = "encoder.layers.1.self_attn.o_proj.scales"
+D, O_IN, LAYERS = EMB.hidden_size, EMB.num_heads * EMB.head_dim, EMB.num_layers  # o_proj: O_IN -> D
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda t, c: t.update({QW: t[QW][:, :-1]}), rf"{QW}' has shape \[256, 127\], expected \[256, 128\]"),
+    (lambda t, c: t.update({QW: t[QW][:, :-1]}), rf"{QW}' has shape \[{D}, {O_IN // 2 - 1}\], expected \[{D}, {O_IN // 2}\]"),
     (lambda t, c: t.update({QW: t[QW].view(np.int8)}), rf"{QW}' has dtype I8, expected one of \('U8',\)"),
-    (lambda t, c: t.update({SC: t[SC][:1]}), rf"{SC}' has shape \[1, 256\], expected \[2, 256\]"),
+    (lambda t, c: t.update({SC: t[SC][:1]}), rf"{SC}' has shape \[1, {D}\], expected \[{O_IN // 128}, {D}\]"),
     (lambda t, c: t.update({SC: t[SC].astype(np.float32)}), rf"{SC}' has dtype F32, expected one of \('BF16',\)"),
     (lambda t, c: t.pop(SC), rf"missing tensor\(s\) \['{SC}'\]"),
     (lambda t, c: t.update({"encoder.layers.0.mlp.up_proj.weight": t.pop("encoder.layers.0.mlp.up_proj.qweight")}),
-     r"unexpected tensor 'encoder.layers.0.mlp.up_proj.weight' \(not part of a 8-layer NLD model quantized to int4"),
+     rf"unexpected tensor 'encoder.layers.0.mlp.up_proj.weight' \(not part of a {LAYERS}-layer NLD model quantized to "
+     "int4"),
     (lambda t, c: c["quantization_config"].update(group_size=64),
-     r"\.scales' has shape \[(\d+), 256\], expected \[(\d+), 256\]"),  # twice as many groups
+     rf"\.scales' has shape \[(\d+), {D}\], expected \[(\d+), {D}\]"),  # twice as many groups
     (lambda t, c: c["quantization_config"].update(group_size=96), r"int4 group size 96 must be even and divide"),
     (lambda t, c: c["quantization_config"].update(quant_method="gptq"), "quant_method 'gptq' is not supported"),
     (lambda t, c: c["quantization_config"].update(bits=4), r"unknown key\(s\) \['bits'\]"),
     (lambda t, c: c.pop("quantization_config"),
-     r"unexpected tensor '.*\.(qweight|scales)' \(not part of a 8-layer NLD model\)"),
+     rf"unexpected tensor '.*\.(qweight|scales)' \(not part of a {LAYERS}-layer NLD model\)"),
 ])
 def test_strict_loading_names_the_problem(tmp_path, int4_tensors, edit, match):
     _, tensors, cfg = int4_tensors

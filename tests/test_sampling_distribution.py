@@ -1,7 +1,7 @@
 """Sampled `linear_spec` keeps AR's output distribution: a two-sample chi-square test on the embedded model.
 
-The embedded Shakespeare model (float32, CPU) continues one prompt in N = 1024 rows per sample; row i of a call
-with `seed=s` draws with seed s+i, and every sample below takes its own block of N seeds, so the samples are
+The embedded model (float32, CPU, its drafter attached) continues one prompt in N = 2048 rows per sample; row i
+of a call with `seed=s` draws with seed s+i, and every sample below takes its own block of N seeds, so the samples are
 independent (same seeds would give both modes the same first token, row for row, and correlated samples).
 The first generated token comes from the prefill in both modes (the same code), so the test looks at tokens
 2..4, which sampled `linear_spec` emits from its causal verify passes: with block 3 the first round drafts
@@ -12,20 +12,21 @@ Five statistics per comparison: the marginals of tokens 2, 3 and 4 and the joint
 Each is a chi-square test of homogeneity (scipy.stats.chi2_contingency, 2 x K table, no continuity correction)
 over the outcomes seen at least MIN_POOLED = 20 times in the pooled draws, plus one "other" bucket (so every
 expected count is >= 10). Significance: ALPHA = 1e-3 family-wise per comparison, Bonferroni over the five, so
-each p-value must exceed 2e-4, for temperature 1.0 and for temperature 1.0 with top_p 0.9 (2 x 1024 draws
+each p-value must exceed 2e-4, for temperature 1.0 and for temperature 1.0 with top_p 0.9 (2 x 2048 draws
 each). A correct sampler fails with probability <= 2e-3 over both; the draws are fixed by the seeds, so the
 outcome is deterministic on a given jax version.
 
 Power: the same test must reject (some p-value <= 2e-4) sampled `linear_spec` at temperature 1.0 against AR at
-temperature 0.9, a 10% temperature change, with the same 1024 draws. Exactness where it must hold: greedy
-`linear_spec` == greedy `ar` token for token on distinct prompts, and at temperature 1.0 with equal seeds both
-modes give the same first (prefill) token in every row.
+temperature 0.9, a 10% temperature change, with the same 2048 draws (1024 were enough for the Shakespeare
+model this test was written on, whose next-token distributions are flatter). Exactness where it must hold:
+greedy `linear_spec` == greedy `ar` token for token on distinct prompts, and at temperature 1.0 with equal
+seeds both modes give the same first (prefill) token in every row.
 
-Runtime: five generate() calls of 1024 rows (a 16-slot prefill + 3 AR steps, or the prefill + up to 3
+Runtime: five generate() calls of 2048 rows (a 16-slot prefill + 3 AR steps, or the prefill + up to 3
 speculative rounds of two 3-slot passes) and a small batch for the exact checks; temperature and top_p are
-traced, so the calls of one batch size share their programs. top_p costs the most (a sort of the 8192-entry
-vocabulary in every slot of every pass). About 100 s of CPU time on 2 cores (measured: 99 s user; 125-170 s wall
-on a shared machine at load 6-11), so the statistical tests are marked `slow`; test_exact_where_it_must_be
+traced, so the calls of one batch size share their programs. top_p costs the most (a sort of the 4096-entry
+vocabulary in every slot of every pass). A few minutes of CPU time on 2 cores, so the statistical tests are
+marked `slow`; test_exact_where_it_must_be
 (~10 s, mostly compiling its batch size) is not.
 """
 
@@ -35,23 +36,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nemodiff_jax.embedded import default_model
+from nemodiff_jax.embedded import PROMPTS, default_model
 from nemodiff_jax.generate import load
 
-N = 1024  # draws per sample (rows of one generate call)
+N = 2048  # draws per sample (rows of one generate call)
 MAX_NEW = 4  # tokens 1..4: token 1 from the prefill, tokens 2..4 tested
 BLOCK = 3  # linear_spec block: small keeps the CPU cost down; 3 lets one round emit all tested tokens
-PROMPT = "O Romeo, Romeo! wherefore art thou"  # its next tokens are neither near-deterministic nor flat
+PROMPT = "import os\nimport sys\n"  # its next tokens are neither near-deterministic nor flat
 ALPHA = 1e-3  # family-wise, per comparison
 COLUMNS = [(1,), (2,), (3,), (1, 2), (2, 3)]  # 0-based columns of the new tokens: tokens 2, 3, 4, joints
 PER_TEST = ALPHA / len(COLUMNS)  # Bonferroni
 MIN_POOLED = 20  # an outcome gets its own bucket when seen this often in both samples together
 T1 = dict(temperature=1.0)
 TOP_P = dict(temperature=1.0, top_p=0.9)
-GREEDY_PROMPTS = ["O Romeo, Romeo! wherefore art thou", "Now is the winter of our discontent",
-                  "Friends, Romans, countrymen, lend me", "All the world's a stage,",
-                  "If music be the food of love,", "Shall I compare thee to a", "What light through yonder window",
-                  "The quality of mercy is not"]
+GREEDY_PROMPTS = PROMPTS[:8]
 GREEDY_NEW = 24
 
 

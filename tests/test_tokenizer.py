@@ -38,7 +38,7 @@ def test_bos_added_once(tok: Tokenizer) -> None:
 
 
 def test_special_id_layout(tok: Tokenizer) -> None:
-    assert tok.vocab_size == 8192
+    assert tok.vocab_size == 4096  # scripts/code_corpus.py VOCAB_SIZE
     assert (tok.bos_token_id, tok.eos_token_id, tok.mask_token_id) == (1, 11, 100)
     expected = {0: "<unk>", 1: "<s>", 2: "</s>", 10: "<|im_start|>", 11: "<|im_end|>",
                 12: "<think>", 13: "</think>", 3: "<SPECIAL_3>", 100: "<SPECIAL_100>", 127: "<SPECIAL_127>"}
