@@ -129,7 +129,9 @@ def cmd_demo(args) -> int:
 
     device = DeviceInfo.of()
     chunk_path = choose_impl(device, gen.dtype, gen.config.head_dim, len(prompts), gen.config.block_size, 256, True)
-    print(f"\nmodel: {path}  batch {len(prompts)}  max_new_tokens {args.max_new_tokens}  dtype {args.dtype}")
+    drafter = "its linear_spec_lora" if gen.drafter is not None else "none"
+    print(f"\nmodel: {path}  drafter: {drafter}  batch {len(prompts)}  max_new_tokens {args.max_new_tokens}  "
+          f"dtype {args.dtype}")
     print(f"device: {device}  attention: {chunk_path} (a {gen.config.block_size}-token chunk)")
     print(f"{'mode':<12} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8} {'acc/round':>10} {'steps/blk':>10}")
     for r in rows:  # a statistic a mode does not have is "-"

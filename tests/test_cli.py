@@ -115,3 +115,4 @@ def test_demo_prints_one_table_with_dashes_and_the_lossless_check(model_dir, cap
     assert rows["ar"][-2:] == ["-", "-"]
     assert rows["diffusion"][-2] == "-" and float(rows["diffusion"][-1]) >= 1
     assert float(rows["linear_spec"][-2]) >= 1 and rows["linear_spec"][-1] == "-"
+    assert "drafter: none" in out  # model_dir has no linear_spec_lora/: the demo says what linear_spec drafts with

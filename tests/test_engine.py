@@ -25,7 +25,7 @@ def gen():
 
 
 def small_engine(gen, **kw):
-    return Engine(gen, **{"slots": 2, "max_queue": 32, "max_prompt_tokens": 32, "max_new_tokens": 16, **kw})
+    return Engine(gen, **{"slots": 2, "max_queue": 32, "max_prompt_tokens": 48, "max_new_tokens": 16, **kw})
 
 
 def collect(handle):
@@ -110,7 +110,7 @@ def test_full_queue_and_bad_requests(gen):
     with small_engine(gen) as e:
         bad = [(Request("x", mode="bogus", max_new_tokens=4), "unknown mode"),
                (Request("x", max_new_tokens=17), "max_new_tokens 17 exceeds"),
-               (Request([5] * 40, max_new_tokens=4), "prompt: 40 tokens exceed"),
+               (Request([5] * 50, max_new_tokens=4), "prompt: 50 tokens exceed"),
                (Request("x", mode="ar", max_new_tokens=4, options={"threshold": 0.5}), "unknown option"),
                (Request("x", mode="diffusion", max_new_tokens=4, options={"threshold": 2}), "threshold"),
                (Request("x", max_new_tokens=4, temperature=-1), "temperature"),

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from nemodiff_jax import cli, trainer
+from nemodiff_jax.config import Config
+from nemodiff_jax.embedded import ASSETS
 from nemodiff_jax import training as T
 from nemodiff_jax.sharding import make_mesh
 from nemodiff_jax.tokenizer import Tokenizer
@@ -123,14 +125,17 @@ def test_another_tokenizer_sets_the_vocab(corpus, tmp_path):
 
 
 def test_job_settings_and_presets():
-    job = trainer.TrainJob("t", "v", "o", preset="code", layers=3, val_rows=0, lr=1e-3)
+    job = trainer.TrainJob("t", "v", "o", layers=3, val_rows=0, lr=1e-3)
     s = job.settings()
-    assert (s.hidden, s.layers, s.seq_len, s.batch, s.lr, s.val_rows) == (256, 3, 256, 32, 1e-3, None)
+    assert (s.hidden, s.layers, s.seq_len, s.batch, s.lr, s.val_rows) == (384, 3, 256, 64, 1e-3, None)
     assert job.work.name == "o.work" and job.out.name == "o"
-    code = trainer.PRESETS["code"]
-    assert (code.hidden, code.layers, code.heads, code.kv_heads, code.head_dim, code.intermediate, code.seq_len,
-            code.batch, code.steps, code.lr, code.warmup, code.eval_every, code.ckpt_every, code.log_every,
-            code.val_rows) == (256, 6, 4, 2, 64, 768, 256, 32, 2000, 2e-3, 100, 200, 200, 20, 256)
+    # the default preset is the embedded model's recipe: its geometry is the shipped config's
+    d, emb = trainer.PRESETS["default"], Config.from_file(ASSETS / "config.json")
+    assert (d.hidden, d.layers, d.heads, d.kv_heads, d.head_dim, d.intermediate, 4 * d.seq_len) == (
+        emb.hidden_size, emb.num_layers, emb.num_heads, emb.num_kv_heads, emb.head_dim, emb.intermediate_size,
+        emb.max_position_embeddings)
+    assert (d.batch, d.steps, d.lr, d.warmup, d.eval_every, d.ckpt_every, d.log_every, d.val_rows) == (
+        64, 2000, 2e-3, 100, 200, 1000, 20, 256)
     with pytest.raises(ValueError, match="unknown preset"):
         trainer.TrainJob("t", "v", "o", preset="nope")
 

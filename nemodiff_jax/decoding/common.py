@@ -86,10 +86,12 @@ class State:
 
 def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Options, lora=None, embeds=None):
     """One chunk forward at each row's own position (cache.lengths + arange(T)); cache written, not advanced.
-    `embeds` [B,T,D] (a prefill with images) replace the token lookup."""
+    `embeds` [B,T,D] (a prefill with images) replace the token lookup; the text path calls the model exactly as
+    before (no `embeds` argument)."""
     t = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl, embeds=embeds)
+    extra = {} if embeds is None else {"embeds": embeds}
+    return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl, **extra)
 
 
 def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
