@@ -28,7 +28,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 MUST_HAVE = ["nemodiff_jax/__init__.py", "nemodiff_jax/cli.py", "nemodiff_jax/decoding/ar.py",
              "nemodiff_jax/convert/hf.py", "nemodiff_jax/convert/safetensors_io.py",
              "nemodiff_jax/pallas_kernels/chunk_attention.py", "nemodiff_jax/assets/config.json",
-             "nemodiff_jax/assets/model.safetensors", "nemodiff_jax/assets/tokenizer.json"]
+             "nemodiff_jax/assets/model.safetensors", "nemodiff_jax/assets/tokenizer.json",
+             "nemodiff_jax/assets/linear_spec_lora/adapter_model.safetensors"]
 
 
 def _source_copy(dst: Path) -> Path:
