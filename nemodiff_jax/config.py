@@ -154,12 +154,7 @@ class VisionConfig:
                 raise ConfigError(f"config.json: vision_config.{key} is not supported with a value other than "
                                   f"{default!r}")
 
-        def take(key, default=_REQUIRED):
-            if key in vc:
-                return vc.pop(key)
-            if default is _REQUIRED:
-                raise ConfigError(f"config.json: required key 'vision_config.{key}' is missing")
-            return default
+        take = _taker(vc, "vision_config.")
 
         kw: dict[str, Any] = dict(
             hidden_size=take("hidden_size"), intermediate_size=take("intermediate_size"),
@@ -349,12 +344,7 @@ class Config:
         if act != "silu":
             raise ConfigError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
 
-        def take(key, default=_REQUIRED):
-            if key in hf:
-                return hf.pop(key)
-            if default is _REQUIRED:
-                raise ConfigError(f"config.json: required key {key!r} is missing")
-            return default
+        take = _taker(hf)
 
         kw: dict[str, Any] = dict(
             vocab_size=take("vocab_size"),
@@ -461,6 +451,20 @@ class Config:
 
 
 _REQUIRED = object()
+
+
+def _taker(d: dict, prefix: str = ""):
+    """take(key, default=required): pops `key` from the config dict `d`; a missing required key is an error
+    naming it (with `prefix`, e.g. "vision_config.")."""
+
+    def take(key, default=_REQUIRED):
+        if key in d:
+            return d.pop(key)
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json: required key {prefix + key!r} is missing")
+        return default
+
+    return take
 
 # Keys of real NLD configs that do not change inference: metadata, training-only switches, HF plumbing.
 _IGNORED_KEYS = (

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -22,24 +21,12 @@ from nemodiff_jax.convert.hf import (INDEX_FILE, layout, load_model, model_tenso
 from nemodiff_jax.convert.orbax_io import save_orbax
 from nemodiff_jax.convert.safetensors_io import CheckpointError
 from nemodiff_jax.model import abstract_model, quantize_weights
+from test_convert import random_model  # random weights filled host-side
 
 CFG = VLM_PRESETS["tiny-vlm"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 FIXTURE = Path(__file__).parent / "fixtures" / "vlm" / "two_rows_three_images"
-
-
-def random_model(cfg=CFG, dtype=jnp.float32, seed: int = 0):
-    """Random weights filled in host-side (no per-shape RNG compiles)."""
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    rng = np.random.default_rng(seed)
-
-    def fill(leaf):
-        scale = 0.1 if len(leaf.shape) == 1 else leaf.shape[0] ** -0.5
-        base = 1.0 if len(leaf.shape) == 1 else 0.0
-        return jnp.asarray((base + scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype))
-
-    return nnx.merge(graphdef, jax.tree.map(fill, state))
 
 
 def raw_bytes(arrays):
@@ -52,7 +39,7 @@ def vision_names(names):
 
 @pytest.fixture(scope="module")
 def models():
-    return {"float32": random_model(dtype=jnp.float32), "bfloat16": random_model(dtype=jnp.bfloat16)}
+    return {"float32": random_model(CFG, jnp.float32), "bfloat16": random_model(CFG, jnp.bfloat16)}
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +172,7 @@ def test_orbax_round_trip(tmp_path, models, images, dtype):
 def test_quantized_vlm_keeps_the_tower_16_bit(tmp_path):
     """Weight-only quantization is for the text model's matmuls: the tower and projector stay as they are, in the
     model and in the exported checkpoint, which loads back bit for bit."""
-    model = random_model(dtype=jnp.bfloat16)
+    model = random_model(CFG, jnp.bfloat16)
     before = model_tensors_hf(model)
     quantize_weights(model, "int8")
     after = model_tensors_hf(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vlm_helpers import (ServeProcess, data_url, picture, png_bytes, reference_greedy, reference_prefill,
+from vlm_helpers import (data_url, picture, png_bytes, reference_greedy, reference_prefill,
                          text_model_of, tiny_vlm_with_tokenizer)
 
 import nemodiff_jax
@@ -52,8 +52,10 @@ def media_dir(tmp_path_factory):
 def server(model_dir, media_dir):
     """Started first: it loads and compiles while the tests before it run."""
     pytest.importorskip("openai")
-    s = ServeProcess("--model", model_dir, "--allowed-media-dir", media_dir, "--slots", "2",
-                     "--max-prompt-tokens", "128", "--max-new-tokens", "16")
+    from test_serve import Server
+
+    s = Server("--model", str(model_dir), "--allowed-media-dir", str(media_dir), "--slots", "2",
+               "--max-prompt-tokens", "128", "--max-new-tokens", "16")
     yield s
     s.stop()
 
@@ -362,7 +364,7 @@ def _chat(client, content, **kw):
 def test_server_image_url_parts(server, gen, model_dir, media_dir):
     import openai
 
-    client = server.wait().client()
+    client = server.wait(timeout=300).client(timeout=300)
     name = str(model_dir)
     content = CHAT[0]["content"]
     for mode in ("ar", "linear_spec"):
