@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -68,6 +69,8 @@ def main():
     p.add_argument("--ms", nargs="+", type=int, default=[1, 32])
     p.add_argument("--one", nargs=4, type=int, default=None, help="(internal) run one tiling in this process")
     p.add_argument("--case-timeout", type=float, default=90)
+    p.add_argument("--budget", type=float, default=540, help="seconds for the whole sweep: tilings that could "
+                   "not finish in it are skipped, and the chain runs only with >= 90 s left")
     a = p.parse_args()
     if a.one:
         one_tiling(tuple(a.one), a.ms)
@@ -77,7 +80,11 @@ def main():
     out = {"device": dev.device_kind, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
            "hbm_limit_GBps": hbm.limit / 1e9, "hbm_winner": hbm.winner, "rows": []}
     totals = {}
+    start = time.monotonic()
     for tiling in TILINGS:
+        if time.monotonic() - start + a.case_timeout > a.budget:
+            out.setdefault("status", {})["x".join(map(str, tiling))] = "skipped: out of --budget"
+            continue
         cmd = [sys.executable, "-P", __file__, "--one", *map(str, tiling), "--ms", *map(str, a.ms)]
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=a.case_timeout)
@@ -113,6 +120,9 @@ def main():
     # The chain with the best tiling per format (M=1's choice for both row counts, as the default would be)
     chain = {}
     for fmt in quant.FORMATS:
+        if time.monotonic() - start > a.budget - 90:
+            print(f"chain skipped for {fmt}: out of --budget")
+            continue
         wgs, rows, k_sub, prefetch = best.get((fmt, a.ms[0]), (2, 1, 1, 0))
         qm.DEFAULT_TILING.update(compute_wgs=wgs, row_tiles=rows, k_sub=k_sub, prefetch=bool(prefetch))
         sub = {}
