@@ -216,6 +216,55 @@ def test_tower_computes_in_float32_for_bf16_weights(fixture_case):
     assert rel_err(got, ref["image_features"]) < 2e-2  # bf16 weights, float32 activations: still close
 
 
+def dense_attention_reference(q, k, v, segments) -> np.ndarray:
+    """The tower's attention written out in float64 numpy, one query row at a time over its own image's keys."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    segments = np.asarray(segments)
+    out = np.zeros_like(q)
+    for i in range(q.shape[0]):
+        keys = segments == segments[i]
+        scores = np.einsum("nh,qnh->nq", q[i], k[keys]) / np.sqrt(q.shape[-1])
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        out[i] = np.einsum("nq,qnh->nh", probs / probs.sum(-1, keepdims=True), v[keys])
+    return out
+
+
+@pytest.mark.parametrize("chunk", [16, 7, 24, 64])
+def test_chunked_attention_equals_dense(chunk):
+    """Query-chunked block-diagonal attention == the dense per-row softmax, for chunks that cut through images
+    (16, 7: the last chunk padded; 24: P a multiple of it; 64 > P: one dense step), three images and a padding
+    segment (-1, as patchify's pad_to makes). The input is sensitive to the mask: attending across images
+    instead would be far off, so a chunk paired with the wrong rows' segments fails here."""
+    rng = np.random.default_rng(3)
+    segments = np.array([0] * 13 + [1] * 22 + [2] * 5 + [-1] * 8, np.int32)  # P = 48
+    q, k, v = (jnp.asarray(rng.standard_normal((48, 2, 8)) * 2, jnp.float32) for _ in range(3))
+    want = dense_attention_reference(q, k, v, segments)
+    got = vision.block_diagonal_attention(q, k, v, jnp.asarray(segments), chunk=chunk)
+    assert got.shape == want.shape and got.dtype == jnp.float32 and np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    jitted = jax.jit(vision.block_diagonal_attention, static_argnums=4)(q, k, v, jnp.asarray(segments), chunk)
+    np.testing.assert_allclose(np.asarray(jitted), want, rtol=1e-5, atol=1e-5)
+    unmasked = dense_attention_reference(q, k, v, np.zeros_like(segments))
+    assert rel_err(unmasked, want) > 0.1
+    shifted = dense_attention_reference(q, k, v, np.roll(segments, chunk % 48))
+    assert rel_err(shifted, want) > 0.1
+
+
+def test_chunked_tower_matches_transformers_fixture(fixture_case, monkeypatch):
+    """The tower's features with attention in chunks of a few query rows (chunk boundaries inside the fixture's
+    three images) still match transformers' at the parity tolerance, and the one-step (dense) tower to
+    float32 rounding."""
+    _, model, ref = fixture_case
+    images = vision.patchify(ref["pixel_values"], model.config.vision, ref["image_sizes"])
+    assert images.patches.shape[0] > 2 * 16  # several chunks
+    dense = np.asarray(model.vision_tower(images))
+    for chunk in (16, 5):
+        monkeypatch.setattr(vision, "ATTENTION_CHUNK", chunk)
+        got = np.asarray(model.vision_tower(images))  # eager: traced again with this chunk
+        assert rel_err(got, ref["vision_features"]) <= TOL, (chunk, rel_err(got, ref["vision_features"]))
+        np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-6)
+
+
 def test_encode_images_under_jit(tiny):
     model, images = tiny
     patches = vision.patchify(images[:2], TINY.vision)
