@@ -52,15 +52,15 @@ BLOCK_K = SUB_K  # what K must be a multiple of
 @dataclasses.dataclass(frozen=True)
 class QMatmulConfig:
     """Static tuning (jit-static: frozen and hashable). A tile is compute_wgs x row_tiles x 64 output channels;
-    a pipeline stage k_sub x 128 inputs. None: DEFAULT_TILING, 2 x 1 x 1 without prefetch, the one tiling measured
-    on the GPU so far (docs/PERFORMANCE.md; benchmarks/qmatmul_tiling.py sweeps the others)."""
+    a pipeline stage k_sub x 128 inputs. None: DEFAULT_TILING, 2 x 1 x 2, the fastest 2-warpgroup tiling of the
+    H100 sweep of 2026-12-07 (docs/PERFORMANCE.md, benchmarks/qmatmul_tiling.py). 4 warpgroups pass the
+    interpreter and lower for CUDA, but did not return within 50 s on the GPU (hang or very slow compile)."""
     compute_wgs: int | None = None  # 2 or 4 compute warpgroups
     row_tiles: int | None = None  # independent 64-row accumulators per warpgroup (wgmma chains in flight)
     k_sub: int | None = None  # 128-input sub-steps per pipeline stage (per barrier round trip)
     max_stages: int = 8  # SMEM ring depth (fewer where the budget asks)
     num_ctas: int | None = None  # CTAs of the stream-K split (all M tiles together); None: the device's SMs
     a_from_smem: bool = False  # dequantized tile via SMEM (forced under interpret; see module doc)
-    prefetch: bool | None = None  # convert the next step's tiles while this step's wgmmas run (not yet measured)
 
     def __post_init__(self):
         if self.max_stages < 2:
@@ -76,7 +76,7 @@ class QMatmulConfig:
             raise ValueError("a tile holds at most 256 output channels (one TMA box): compute_wgs x row_tiles <= 4")
 
 
-DEFAULT_TILING = dict(compute_wgs=2, row_tiles=1, k_sub=1, prefetch=False)
+DEFAULT_TILING = dict(compute_wgs=2, row_tiles=1, k_sub=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,6 @@ class Plan:
     compute_wgs: int = 2
     row_tiles: int = 1
     k_sub: int = 1
-    prefetch: bool = False
 
     @property
     def block_n(self) -> int:
@@ -153,7 +152,7 @@ def make_plan(m: int, n: int, k: int, fmt: str, config: QMatmulConfig, sms: int,
     ctas = max(1, min((config.num_ctas or sms) // m_tiles, total))
     slots = max(cta_of((t + 1) * k_iters - 1, total, ctas) - cta_of(t * k_iters, total, ctas) + 1
                 for t in range(n_tiles))
-    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages, wgs, rows, k_sub, bool(tiling["prefetch"]))
+    return Plan(block_m, m_tiles, n_tiles, k_iters, ctas, slots, stages, wgs, rows, k_sub)
 
 
 def _transforms(minor: int, dtype) -> tuple:
@@ -230,24 +229,13 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(consumed.at[slot])
 
-                if plan.prefetch:  # the next step's tiles are loaded and converted while this step's wgmmas run
-                    def step(i, ws):
-                        slot = lax.rem(i - start, stages)
-                        mma(slot, ws)
-                        nxt = lax.rem(i + 1 - start, stages)
-                        ws = lax.cond(i + 1 < hi, lambda: load_tiles(nxt), lambda: ws)
-                        release(slot)
-                        return ws
+                def step(i, carry):
+                    slot = lax.rem(i - start, stages)
+                    mma(slot, load_tiles(slot))
+                    release(slot)
+                    return carry
 
-                    lax.fori_loop(lo, hi, step, load_tiles(lax.rem(lo - start, stages)))
-                else:
-                    def step(i, carry):
-                        slot = lax.rem(i - start, stages)
-                        mma(slot, load_tiles(slot))
-                        release(slot)
-                        return carry
-
-                    lax.fori_loop(lo, hi, step, 0)
+                lax.fori_loop(lo, hi, step, 0)
                 return [a[...] for a in acc_refs]
 
             accs = pl.run_scoped(accumulate, *[plgpu.ACC((ROWS_PER_WG, bm), jnp.float32)] * row_tiles)

@@ -45,23 +45,20 @@ CASES = [("int8", 3, 256, 512, 3, (2, 1, 1)), ("int4", 3, 256, 512, 3, (2, 1, 1)
          ("int4", 1, 256, 256, 1, (2, 1, 1)),
          ("int8", 5, 1024, 1024, 5, (4, 1, 1)), ("int4", 33, 1024, 1024, 3, (2, 2, 2)),
          ("int4", 9, 512, 768, 4, (4, 1, 2)),
-         # prefetch (the next step's tiles converted while this step's wgmmas run): the carry across steps and
-         # across a CTA's segments
-         ("int8", 3, 256, 512, 3, (2, 1, 1, True)), ("int4", 33, 1024, 1024, 3, (2, 2, 2, True)),
-         ("int8", 8, 768, 128, 2, (4, 1, 1, True)),
+         ("int8", 3, 256, 512, 3, (2, 1, 2)), ("int8", 8, 768, 256, 2, (2, 1, 2)),
          # M = 130: two balanced M tiles of 72 rows; one N tile split over 5 CTAs
-         ("int8", 130, 256, 256, 2, (2, 1, 1)), ("int4", 1, 128, 1024, 5, (2, 1, 1, True))]
+         ("int8", 130, 256, 256, 2, (2, 1, 1)), ("int4", 1, 128, 1024, 5, (2, 1, 2))]
 
 
 @pytest.mark.parametrize("fmt, m, n, k, ctas, tiling", CASES)
 def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas, tiling):
     x, qw = _inputs(fmt, m, n, k)
-    wgs, rows, k_sub, prefetch = (*tiling, False)[:4]
-    config = qm.QMatmulConfig(wgs, rows, k_sub, num_ctas=ctas, max_stages=3, prefetch=prefetch)
+    wgs, rows, k_sub = tiling
+    config = qm.QMatmulConfig(wgs, rows, k_sub, num_ctas=ctas, max_stages=3)
     got = qm.qmatmul_pallas(x, qw.q, qw.scale, out_dtype=jnp.float32, config=config,
                             interpret=plgpu.InterpretGPUParams(detect_races=True))
     plan = qm.make_plan(m, n, k, fmt, config, qm.DEFAULT_NUM_SMS)
-    assert (plan.compute_wgs, plan.row_tiles, plan.prefetch) == (wgs, rows, prefetch)
+    assert (plan.compute_wgs, plan.row_tiles) == (wgs, rows)
     assert plan.k_sub == (k_sub if k % (128 * k_sub) == 0 else 1)
     assert got.shape == (m, n)
     assert _rel(got, qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)) < 1e-5, plan
@@ -78,7 +75,8 @@ def test_stream_k_schedule_covers_every_step_once():
         counts = np.bincount(owners, minlength=g)
         assert counts.max() - counts.min() <= 1  # an even split
         slots = max(owners[(t + 1) * k_iters - 1] - owners[t * k_iters] + 1 for t in range(n_tiles))
-        plan = qm.make_plan(8, n_tiles * qm.BLOCK_N, k_iters * qm.BLOCK_K, "int8", qm.QMatmulConfig(num_ctas=g), g)
+        plan = qm.make_plan(8, n_tiles * qm.BLOCK_N, k_iters * qm.BLOCK_K, "int8",
+                            qm.QMatmulConfig(2, 1, 1, num_ctas=g), g)
         assert plan.slots == slots and qm.written(plan).sum() == len({(o, i // k_iters) for i, o in enumerate(owners)})
 
 
@@ -118,8 +116,8 @@ def test_path_table():
         quant.matmul(jnp.ones((1, 256), jnp.bfloat16), qw8, impl="triton")
 
 
-@pytest.mark.parametrize("config", [qm.QMatmulConfig(), qm.QMatmulConfig(2, 2, 2, prefetch=True),
-                                    qm.QMatmulConfig(4, 1, 1)], ids=["default", "2x2x2-prefetch", "4x1x1"])
+@pytest.mark.parametrize("config", [qm.QMatmulConfig(), qm.QMatmulConfig(2, 2, 2), qm.QMatmulConfig(2, 1, 1),
+                                    qm.QMatmulConfig(4, 1, 1)], ids=["default", "2x2x2", "2x1x1", "4x1x1"])
 def test_compiled_path_lowers_for_cuda(config):
     failures = []
     for fmt in quant.FORMATS:
@@ -151,13 +149,11 @@ def test_gpu_kernel_matches_reference(fmt, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [(2, 2, 1, False), (2, 1, 2, False), (2, 1, 1, True), (2, 2, 2, True)],
-                         ids=lambda t: "x".join(map(str, t[:3])) + ("-prefetch" if t[3] else ""))
+@pytest.mark.parametrize("tiling", [(2, 1, 1), (2, 2, 1), (2, 2, 2)], ids=lambda t: "x".join(map(str, t)))
 def test_gpu_tilings_match_reference(tiling):
     """The other 2-warpgroup tilings on the GPU (4 warpgroups: benchmarks/qmatmul_tiling.py runs them under a
     timeout; one never returned on 2026-12-02)."""
-    wgs, rows, k_sub, prefetch = tiling
-    config = qm.QMatmulConfig(wgs, rows, k_sub, prefetch=prefetch)
+    config = qm.QMatmulConfig(*tiling)
     for fmt in quant.FORMATS:
         for m in (1, 32):
             x, qw = _inputs(fmt, m, 4096, 14336)
