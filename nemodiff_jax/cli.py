@@ -145,13 +145,20 @@ def cmd_demo(args) -> int:
 def mesh_from_args(tensor_parallel: int, data_parallel: bool):
     """None (one device), or a ("data", "model") mesh over this process's devices: `tensor_parallel` devices
     per model replica and, with `data_parallel`, as many replicas as the remaining devices allow (rows split
-    over them). Local devices only: under `--distributed` every process runs its own share of the requests."""
+    over them). Local devices only: under `--distributed` every process runs its own share of the requests,
+    so tensor parallelism stays inside a host and no collective crosses hosts."""
     import jax
 
     devices = jax.local_devices()
     n = len(devices)
     if tensor_parallel < 1 or n % tensor_parallel:
-        raise ValueError(f"--tensor-parallel-size {tensor_parallel} must be >= 1 and divide the {n} devices")
+        if jax.process_count() == 1:
+            raise ValueError(f"--tensor-parallel-size {tensor_parallel} must be >= 1 and divide the {n} devices")
+        raise ValueError(
+            f"--tensor-parallel-size {tensor_parallel} must be >= 1 and divide this process's {n} local devices "
+            f"(process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices in all): "
+            f"under --distributed the model is split over one host's devices only, hosts split the input lines "
+            f"(under SLURM or Open MPI, JAX gives a process one GPU unless JAX_LOCAL_DEVICE_IDS lists them)")
     data = n // tensor_parallel if data_parallel else 1
     if data * tensor_parallel == 1:
         return None
@@ -160,17 +167,55 @@ def mesh_from_args(tensor_parallel: int, data_parallel: bool):
     return make_mesh(data=data, model=tensor_parallel, devices=devices)
 
 
+# How long a process that finished its share waits at exit for the others (jax.distributed's shutdown barrier;
+# JAX's default, 5 minutes, aborts every process, the slow ones mid-job, once the shares' run times differ by
+# more). A process that dies is still noticed by the heartbeats (100 s) and ends the others.
+SHUTDOWN_WAIT_S = 7 * 24 * 3600
+
+
+def init_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize() with what was given; JAX finds the rest (JAX_COORDINATOR_ADDRESS, SLURM,
+    Open MPI). Multi-host jobs here need no collective across hosts: the coordinator only connects the
+    processes (process index and count, which lines are whose) and holds them together at exit."""
+    import jax
+
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
+    except ValueError as e:
+        raise ValueError(f"--distributed: {e} (give --coordinator-address HOST:PORT, --num-processes N and "
+                         f"--process-id K, or run under SLURM or Open MPI, where JAX finds them)") from None
+
+
+def describe_process_mesh(mesh) -> str:
+    """This process's index and count, the mesh it runs on and the devices in all (the multi-host log line)."""
+    import jax
+
+    if mesh is None:
+        shape, ids = "one device", [jax.local_devices()[0].id]
+    else:
+        shape, ids = f"mesh {dict(mesh.shape)}", [d.id for d in mesh.devices.flat]
+    return (f"process {jax.process_index()} of {jax.process_count()}: {shape} over local devices {ids} "
+            f"({len(jax.local_devices())} local, {jax.device_count()} in all)")
+
+
 def cmd_batch(args) -> int:
     from nemodiff_jax.batch import Job, run_batch_job
     from nemodiff_jax.generate import load
 
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()  # multi-host: coordinator address etc. from the environment
+        init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    else:
+        given = [flag for flag, v in (("--coordinator-address", args.coordinator_address),
+                                      ("--num-processes", args.num_processes), ("--process-id", args.process_id))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without --distributed")
     mesh = mesh_from_args(args.tensor_parallel_size, args.data_parallel)
     gen = load(args.model or default_model(), dtype=args.dtype, drafter=drafter_arg(args), progress=False, mesh=mesh,
                quantize=args.quantize)
+    if args.distributed:
+        print(f"nemodiff batch: {describe_process_mesh(gen.mesh)}", file=sys.stderr, flush=True)
     job = Job(input=Path(args.input), output=Path(args.output), batch_size=args.batch_size, mode=args.mode,
               max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -391,8 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest per-request max_new_tokens (default: --max-new-tokens)")
     bt.add_argument("--no-progress", action="store_true")
     bt.add_argument("--distributed", action="store_true",
-                    help="multi-host: call jax.distributed.initialize(); process k of N takes every N-th line and "
-                         "writes <output stem>.part<k><suffix>; restarts read every part")
+                    help="multi-host: one process per host; calls jax.distributed.initialize(); process k of N "
+                         "takes every N-th line and writes <output stem>.part<k><suffix>; restarts read every part; "
+                         "--tensor-parallel-size splits the model over this host's devices only")
+    bt.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="with --distributed: process 0's host and a free port, the same on every process "
+                         "(default: $JAX_COORDINATOR_ADDRESS, or SLURM / Open MPI's)")
+    bt.add_argument("--num-processes", type=int, default=None, metavar="N",
+                    help="with --distributed: the number of processes (default: SLURM / Open MPI's)")
+    bt.add_argument("--process-id", type=int, default=None, metavar="K",
+                    help="with --distributed: this process's index, 0 .. N-1 (default: SLURM / Open MPI's)")
     bt.set_defaults(fn=cmd_batch)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
