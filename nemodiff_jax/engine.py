@@ -26,10 +26,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+
+from nemodiff_jax.config import VisionConfig
 from nemodiff_jax.decoding.common import Options, State
 from nemodiff_jax.generate import MODES, Generator, Result
-from nemodiff_jax.multimodal import Prompt
+from nemodiff_jax.image_processing import ProcessedImage
+from nemodiff_jax.multimodal import Prompt, block_ids
 from nemodiff_jax.slots import Pool, RowPlan, buffer_sizes, round_up, row_tokens
+
+
+def _smallest_image(vcfg: VisionConfig) -> ProcessedImage:
+    """A blank image of one merged patch (one image token): what warm_up admits."""
+    unit = vcfg.patch_size * vcfg.spatial_merge_size
+    return ProcessedImage(np.zeros((vcfg.num_channels, unit, unit), np.float32), (unit, unit), vcfg.patch_size,
+                          vcfg.spatial_merge_size)
 
 
 class QueueFull(RuntimeError):
@@ -162,17 +173,29 @@ class Engine:
         """Compiles, before start(), the programs the given requests' pools run (default: one request per
         mode with its default options; a request with another block size or policy compiles its own program
         when it first comes) at every admission shape (Pool.admission_shapes: row counts x prompt widths up to
-        max_prompt_tokens), so no client of those programs waits for a compile. Returns the admissions run."""
+        max_prompt_tokens), so no client of those programs waits for a compile. Returns the admissions run.
+
+        On a VLM also the image path of those programs for one image request at every prompt width, its images
+        in the smallest patch bucket (slots.patch_bucket: up to 64 patches, 16 image tokens at a 2 x 2 merge):
+        the tower encoder at that bucket and the image admission program. Larger images, and image requests
+        admitted together, compile their bucket or row count when they first come."""
         if self._thread is not None:
             raise RuntimeError("warm_up runs before start()")
         if requests is None:
             requests = [Request(prompt=[0], mode=m, max_new_tokens=1) for m in sorted(MODES)]
+        vcfg = self.gen.config.vision
         runs = 0
         for r in requests:
             _, plan = self.plan(dataclasses.replace(r, max_new_tokens=1))
             pool = self._pool(plan.opts)
-            for count, width in pool.admission_shapes(self.max_prompt_tokens):
-                prompt = [0] * min(width, self.max_prompt_tokens)
+            shapes = pool.admission_shapes(self.max_prompt_tokens)
+            prompts = [(count, [0] * min(width, self.max_prompt_tokens)) for count, width in shapes]
+            if vcfg is not None:  # the fewest rows (one request, or one per data device) with the smallest image
+                image = _smallest_image(vcfg)
+                block = block_ids(image, vcfg)
+                prompts += [(count, Prompt(block + [0] * (min(width, self.max_prompt_tokens) - len(block)),
+                                           (image,))) for count, width in shapes if count == shapes[0][0]]
+            for count, prompt in prompts:
                 pool.admit({i: (True, prompt, 0, plan) for i in range(count)})
                 pool.run(until_all=True)
                 pool.release(range(count))

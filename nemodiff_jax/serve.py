@@ -850,7 +850,9 @@ def run(generator, model_name: str, host: str = "127.0.0.1", port: int = 8000, a
     if warmup:
         t0 = time.perf_counter()
         n = engine.warm_up()
-        print(f"nemodiff serve: compiled every mode at every admission shape ({n} admissions) in "
+        images = (" (and one image request of the smallest image bucket per prompt width)"
+                  if generator.config.vision is not None else "")
+        print(f"nemodiff serve: compiled every mode at every admission shape{images} ({n} admissions) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     engine.start()
     server = Server(generator, engine, model_name, api_key=api_key, media=media)

@@ -195,6 +195,25 @@ def test_engine_refills_slots_with_image_rows_and_a_bad_request_fails_alone(gen,
             engine.generate(Request(prompt={"messages": bad_chat}, id="c"))
 
 
+def test_warm_up_compiles_the_image_path(gen, greedy):
+    """On a VLM, Engine.warm_up (`nemodiff serve --warmup`) also compiles the tower at the smallest patch bucket
+    and every program's image admission for one request at every prompt width: afterwards image requests of
+    that bucket (A: 12 image tokens, 48 patches; B: 15, 60 patches; both within 64) in every mode, short and
+    long prompts, compile nothing, and decode as without the warm-up."""
+    engine = Engine(gen, slots=2, max_prompt_tokens=100, max_new_tokens=16)  # widths 64, 128; 1 or 2 rows
+    per_mode = 2 * 2 + 2  # text: row counts x widths; images: one row at each width
+    assert engine.warm_up([Request(prompt=[0], mode=m) for m in MODES]) == len(MODES) * per_mode
+    compiled = slots.compiled_programs()
+    long = {"text": "word " * 40, "images": [A]}
+    assert len(gen.prepare([long])[0].ids) > 64  # the wider admission
+    with engine:
+        got = {mode: [engine.generate(Request(prompt=p, mode=mode, max_new_tokens=N)).tokens
+                      for p in (PROMPTS[2], long)] for mode in MODES}
+    assert slots.compiled_programs() == compiled
+    for mode in MODES:
+        assert got[mode] == [greedy[mode][2].tokens, gen.generate([long], mode=mode, max_new_tokens=N)[0].tokens]
+
+
 def test_images_under_a_mesh_equal_one_device(model_dir, greedy):
     """Tensor and data parallel (CPU devices, mesh 2 x 2): the image rows' tokens are one device's; 3 prompts
     pad to 4 rows, so one image row is admitted twice."""
