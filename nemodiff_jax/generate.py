@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemodiff_jax import multimodal
+from nemodiff_jax import multimodal, slots, vision
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import diffusion
@@ -94,8 +94,18 @@ class Generator:
     def logits(self, token_ids, causal: bool = True) -> np.ndarray:
         """float32 [B, T, V] logits for token ids [B, T] at positions 0..T-1 with a fresh cache.
 
+        Prompts with images (a VLM): instead of token ids, a list of prompts as `generate` takes them (at least
+        one a {"text", "images"} dict, a {"messages"} chat or a multimodal.Prompt; strings and token-id lists
+        may stand beside them), all of one token length T (no padding is added; `encode_prompts` gives their
+        ids, the image blocks included), or one such prompt. Their images are encoded by the tower and take
+        the placeholders' embeddings, as at a generate prefill; T counts the image blocks.
+
         causal=True: logits[t] predicts token t+1; causal=False: bidirectional over the whole input,
         logits[t] predicts token t itself (the diffusion head's semantics)."""
+        if isinstance(token_ids, (dict, Prompt)):
+            token_ids = [token_ids]
+        if isinstance(token_ids, Sequence) and any(isinstance(p, (dict, Prompt)) for p in token_ids):
+            return self._prompt_logits(token_ids, causal)
         tokens = np.asarray(token_ids)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -108,6 +118,24 @@ class Generator:
         rt = self.runtime
         with jax.default_matmul_precision(rt.precision):
             out = _logits_fn(rt.graphdef, rt.params, jnp.asarray(tokens, jnp.int32), causal, self.attn_impl)
+        return np.asarray(out, dtype=np.float32)
+
+    def _prompt_logits(self, prompts, causal: bool) -> np.ndarray:
+        prompts = self.prepare(list(prompts))
+        lengths = [len(p.ids) for p in prompts]
+        if len(set(lengths)) > 1:
+            i = next(i for i, n in enumerate(lengths) if n != lengths[0])
+            raise ValueError(f"logits takes prompts of one length (no padding is added): prompt {i} has "
+                             f"{lengths[i]} tokens, prompt 0 has {lengths[0]} (image blocks included)")
+        rt = self.runtime
+        tokens = jnp.asarray([p.ids for p in prompts], jnp.int32)
+        with jax.default_matmul_precision(rt.precision):
+            images = ()
+            if any(p.images for p in prompts):
+                features, starts = slots.encode_images(rt, prompts)
+                images = (features, jnp.asarray(slots.feature_index(prompts, starts, lengths[0],
+                                                                     self.config.vision.image_token_id)))
+            out = _logits_fn(rt.graphdef, rt.params, tokens, causal, self.attn_impl, *images)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -449,12 +477,15 @@ def row_stats(st: State, opts: Options, i: int, n_tokens: int, wall: float) -> d
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _logits_fn(graphdef, params, tokens, causal, attn_impl):
+def _logits_fn(graphdef, params, tokens, causal, attn_impl, features=None, index=None):
+    """The logits of `tokens`; with image `features` [M, D] and their `index` [B, T] (slots.feature_index) the
+    placeholders' embeddings replaced by the features (vision.place_image_features)."""
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
     cache = KVCache.init(model.config, b, round_up(t, 128), model.dtype)  # capacities as in decoding
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, _ = model(tokens, positions, cache, causal=causal, attn_impl=attn_impl)
+    extra = {} if features is None else {"embeds": vision.place_image_features(model.embed(tokens), features, index)}
+    logits, _ = model(tokens, positions, cache, causal=causal, attn_impl=attn_impl, **extra)
     return logits
 
 

@@ -1,7 +1,10 @@
 """`nemodiff serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over the serving engine.
 
     GET  /v1/models             the one served model
-    POST /v1/completions        prompt: a string or token ids
+    POST /v1/completions        prompt: a string or token ids; on a VLM checkpoint the extra field `images` (a list
+                                of data: URLs or allowed local paths, the same sources as chat's image parts)
+                                goes with a string prompt: each image at its `<image>` marker, or all before
+                                the text when it has none (multimodal.split_markers)
     POST /v1/chat/completions   messages, rendered with the model's chat template; on a VLM checkpoint content
                                 may hold image parts (OpenAI's image_url: a base64 data: URL, or a local path
                                 inside a directory the operator allows with --allowed-media-dir; never a remote
@@ -48,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nemodiff_jax.decoding.diffusion import POLICIES
 from nemodiff_jax.engine import Cancelled, Engine, QueueFull, Request
 from nemodiff_jax.generate import MODE_OPTIONS, MODES, Result
-from nemodiff_jax.multimodal import IMAGE_PART_TYPES, MediaPolicy, Prompt
+from nemodiff_jax.multimodal import IMAGE_MARKER, IMAGE_PART_TYPES, MediaPolicy, Prompt, prepare_image
 from nemodiff_jax.tokenizer import RESERVED_TEMPLATE_KEYS, MissingChatTemplateError
 
 log = logging.getLogger("uvicorn.error")  # shown wherever uvicorn's own messages are
@@ -56,7 +59,7 @@ OPTION_NAMES = sorted({k for opts in MODE_OPTIONS.values() for k in opts})
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                  "user", "mode", "top_k", "stop_token_ids", "ignore_eos", "max_thinking_tokens", *OPTION_NAMES}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "logit_bias", "suffix",
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "images", "logprobs", "echo", "best_of", "logit_bias", "suffix",
                                      "presence_penalty", "frequency_penalty"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
@@ -330,10 +333,13 @@ class Server:
             raise APIError(f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model",
                            404, code="model_not_found")
 
-    def completion_prompt(self, body: dict) -> list[int]:
+    def completion_prompt(self, body: dict) -> list[int] | Prompt:
+        """The prompt's token ids, or with `images` a multimodal.Prompt (each image's block at its marker)."""
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]  # a batch of one
+        if body.get("images") not in (None, []):  # an empty list: no images
+            return self.completion_images(p, body["images"])
         if isinstance(p, str):
             if not p:
                 raise APIError("'prompt' must not be empty", "prompt")
@@ -348,9 +354,35 @@ class Server:
             raise APIError("'prompt' is required", "prompt")
         raise APIError("'prompt' must be a string or a list of token ids", "prompt")
 
+    def completion_images(self, text: Any, images: Any) -> Prompt:
+        """A completion prompt with images: the same sources and rules as chat's image parts (MediaPolicy),
+        errors naming `images[j]`."""
+        vcfg = self.config.vision
+        if vcfg is None:
+            raise APIError("'images': this model is text-only (its checkpoint has no vision tower): images are not "
+                           "supported", "images")
+        if not isinstance(images, list):
+            raise APIError("'images' must be a list of images (base64 data: URLs, or local paths where the server "
+                           "allows them)", "images")
+        if not isinstance(text, str):
+            raise APIError(f"'images' needs a string 'prompt': each image goes at its {IMAGE_MARKER!r} marker, or "
+                           "before the text when it has none", "prompt")
+        try:
+            processed = [prepare_image(self.media.resolve(src, f"images[{j}]"), vcfg, f"images[{j}]")
+                         for j, src in enumerate(images)]
+        except ValueError as e:  # a refused source, an image that does not decode
+            raise APIError(str(e), "images") from None
+        try:
+            return self.gen.prepare([{"text": text, "images": processed}], names=["prompt"])[0]
+        except ValueError as e:  # markers that do not match the images, image tokens typed in the text, too long
+            raise APIError(str(e), "prompt") from None
+
     @staticmethod
     def has_images(body: dict) -> bool:
-        """Whether a chat body has image content parts (their decoding runs off the event loop)."""
+        """Whether a body has images: a completion's `images`, a chat's image content parts (their decoding runs
+        off the event loop)."""
+        if body.get("images"):
+            return True
         messages = body.get("messages")
         return isinstance(messages, list) and any(
             isinstance(m, dict) and isinstance(m.get("content"), list)
@@ -734,8 +766,8 @@ def create_app(server: Server) -> FastAPI:
         server.authorize(request)
         body = await server.json_body(request)
         server._check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-        if chat and server.has_images(body):  # decoding and resizing images: off the event loop
-            prompt = await asyncio.to_thread(server.chat_prompt, body)
+        if server.has_images(body):  # decoding and resizing images: off the event loop
+            prompt = await asyncio.to_thread(server.chat_prompt if chat else server.completion_prompt, body)
         else:
             prompt = server.chat_prompt(body) if chat else server.completion_prompt(body)
         job = server.job(body, prompt, chat)

@@ -265,6 +265,36 @@ def patch_bucket(n: int, minimum: int = 64) -> int:
     return round_up(n, step)
 
 
+def encode_images(rt: Runtime, prompts: Sequence[Prompt]) -> tuple[jax.Array, list[int]]:
+    """The tower's features float32 [M, D] of every image of `prompts`, in order, in one jitted encode (the
+    patch count bucketed: patch_bucket, so M may be padded), and where each prompt's features start."""
+    vcfg = rt.config.vision
+    if vcfg is None:
+        raise ValueError("image prompts need a VLM checkpoint (this one has no vision tower)")
+    pixels, offsets, start = [], [], 0
+    for p in prompts:
+        offsets.append(start)
+        for image in p.images:
+            image = load_pixels(image)
+            pixels.append(image.pixel_values)
+            start += image.num_image_tokens
+    patches = vision.patchify(pixels, vcfg, pad_to=patch_bucket(start * vcfg.spatial_merge_size ** 2))
+    return encoder(rt.graphdef)(rt.params, patches), offsets
+
+
+def feature_index(prompts: Sequence[Prompt], starts: Sequence[int], width: int, image_token_id: int) -> np.ndarray:
+    """int32 [len(prompts), width]: the feature (from encode_images) each position of a prompt right-padded to
+    `width` takes, -1 for a text token: prompt i's k-th placeholder takes feature starts[i] + k."""
+    index = np.full((len(prompts), width), -1, np.int32)
+    for r, (p, start) in enumerate(zip(prompts, starts)):
+        where = np.flatnonzero(np.asarray(p.ids) == image_token_id)
+        if len(where) != p.num_image_tokens:
+            raise ValueError(f"the prompt has {len(where)} image placeholders for {p.num_image_tokens} image "
+                             "features")
+        index[r, where] = start + np.arange(len(where), dtype=np.int32)
+    return index
+
+
 def clear_programs() -> None:
     """Forgets every built program, so that their compiled executables can be freed (with jax.clear_caches()).
 
@@ -373,32 +403,13 @@ class Pool:
             self.st = self.programs.admit_images(rt.params, self.st, idx, prompt, lens, keys, rows, features, index)
 
     def _image_features(self, prompts: list, slots: list[int], pad: list[int], width: int):
-        """The tower's features of every image of `prompts` (one per slot, in `slots` order) in one encode,
-        the patch count bucketed (patch_bucket), and each padded row's index [len(pad), width] into them: the
-        k-th placeholder of a prompt takes its k-th feature (features beyond its own are never read)."""
-        vcfg = self.rt.config.vision
-        if vcfg is None:
-            raise ValueError("image prompts need a VLM checkpoint (this one has no vision tower)")
-        pixels, offsets, start = [], {}, 0
-        for slot, p in zip(slots, prompts):
-            offsets[slot] = start
-            for image in p.images:
-                image = load_pixels(image)
-                pixels.append(image.pixel_values)
-                start += image.num_image_tokens
-        n_patches = start * vcfg.spatial_merge_size ** 2
-        patches = vision.patchify(pixels, vcfg, pad_to=patch_bucket(n_patches))
-        features = encoder(self.rt.graphdef)(self.rt.params, patches)
-        index = np.full((len(pad), width), -1, np.int32)
-        by_slot = dict(zip(slots, prompts))
-        for r, slot in enumerate(pad):
-            p = by_slot[slot]
-            where = np.flatnonzero(np.asarray(p.ids) == vcfg.image_token_id)
-            if len(where) != p.num_image_tokens:
-                raise ValueError(f"slot {slot}: the prompt has {len(where)} image placeholders for "
-                                 f"{p.num_image_tokens} image features")
-            index[r, where] = offsets[slot] + np.arange(len(where), dtype=np.int32)
-        return features, index
+        """The features of every image of `prompts` (one per slot, in `slots` order: encode_images) and each
+        padded row's index [len(pad), width] into them (feature_index)."""
+        features, offsets = encode_images(self.rt, prompts)
+        by_slot = {slot: (p, start) for slot, p, start in zip(slots, prompts, offsets)}
+        rows = [by_slot[slot] for slot in pad]
+        return features, feature_index([p for p, _ in rows], [start for _, start in rows], width,
+                                       self.rt.config.vision.image_token_id)
 
     def advance(self, max_steps: int = 1 << 30, until_all: bool = False) -> None:
         """Runs one on-device loop: until a row finishes (or, with `until_all`, all are done) or max_steps."""

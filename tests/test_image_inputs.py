@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vlm_helpers import (data_url, picture, png_bytes, reference_greedy, reference_prefill,
+from vlm_helpers import (data_url, picture, png_bytes, reference_embeds, reference_greedy, reference_prefill,
                          text_model_of, tiny_vlm_with_tokenizer)
 
 import nemodiff_jax
@@ -212,6 +212,41 @@ def test_warm_up_compiles_the_image_path(gen, greedy):
     assert slots.compiled_programs() == compiled
     for mode in MODES:
         assert got[mode] == [greedy[mode][2].tokens, gen.generate([long], mode=mode, max_new_tokens=N)[0].tokens]
+
+
+def test_logits_with_images(gen, text_gen):
+    """Generator.logits of prompts with images == one forward written over the model from the spliced embeddings
+    (vlm_helpers.reference_embeds), at every position, causal and bidirectional; in a batch each row gets its
+    own images (two same-sized images, an image-free row), as when scored alone; bad input names its prompt."""
+    import jax.numpy as jnp
+
+    a2 = picture(20, 30, seed=7)  # A's size: the same prompt length, other features
+    rows = [{"text": f"Look {IMAGE_MARKER} here", "images": [A]}, {"text": f"Look {IMAGE_MARKER} here", "images": [a2]}]
+    prompts = gen.prepare(rows)
+    length = len(prompts[0].ids)
+    text_ids = gen.tokenizer.encode("HAMLET: " * 40)[:length]
+    assert len(prompts[1].ids) == len(text_ids) == length
+    for causal in (True, False):
+        batch = gen.logits(rows + [text_ids], causal=causal)
+        assert batch.shape == (3, length, gen.config.vocab_size) and batch.dtype == np.float32
+        for i, image in enumerate((A, a2)):
+            embeds = reference_embeds(gen.model, prompts[i].ids, [image])
+            want, _ = gen.model(None, jnp.arange(length)[None], None, causal=causal, embeds=embeds)
+            np.testing.assert_allclose(batch[i], np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(gen.logits(rows[i], causal=causal)[0], batch[i], rtol=1e-5, atol=1e-5)
+        assert rel_err(batch[0], batch[1]) > 1e-2  # the rows did not share their images
+        np.testing.assert_allclose(batch[2], gen.logits([text_ids], causal=causal)[0], rtol=1e-5, atol=1e-5)
+    # a chat and a Prompt object score the same way; the ids come from encode_prompts
+    chat = gen.encode_chat(CHAT)
+    assert gen.encode_prompts([{"messages": CHAT}]) == [chat.ids]
+    np.testing.assert_allclose(gen.logits({"messages": CHAT}), gen.logits(chat), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"logits takes prompts of one length \(no padding is added\): prompt 1 "
+                                         rf"has {length - 1} tokens, prompt 0 has {length}"):
+        gen.logits([rows[0], text_ids[:-1]])
+    with pytest.raises(ImageError, match="prompt 1 image 0: cannot decode"):
+        gen.logits([rows[0], {"text": "Look <image> here", "images": [png_bytes(B)[:80]]}])
+    with pytest.raises(ValueError, match=r"prompt 0: 1 image\(s\) given, but this checkpoint is text-only"):
+        text_gen.logits(rows[:1])
 
 
 def test_images_under_a_mesh_equal_one_device(model_dir, greedy):
@@ -433,17 +468,67 @@ def test_server_image_url_parts(server, gen, model_dir, media_dir):
         assert h.status == 200
 
 
+def test_server_completions_with_images(server, gen, model_dir, media_dir):
+    """/v1/completions takes images as the extra body field `images` beside a string prompt (each at its <image>
+    marker, or all before the text): the same tokens as generate with those images, in any mode, streamed or
+    not. The sources and the rules are chat's: data: URLs, local paths inside --allowed-media-dir; a remote URL,
+    a path outside, an image that does not decode, a marker count that does not match or a prompt too long is a
+    400 naming the item, and the server keeps serving."""
+    import openai
+
+    client = server.wait(timeout=300).client(timeout=300)
+    name = str(model_dir)
+
+    def complete(prompt, images, **kw):
+        return client.completions.create(model=name, prompt=prompt, max_tokens=N,
+                                         extra_body={"images": images, **kw.pop("extra", {})}, **kw)
+
+    text = f"Look {IMAGE_MARKER} and {IMAGE_MARKER} here"
+    for mode in ("ar", "linear_spec"):
+        r = complete(text, [data_url(B), str(media_dir / "a.png")], extra={"mode": mode})
+        want = gen.generate([{"text": text, "images": [B, A]}], mode=mode, max_new_tokens=N)[0]
+        assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.tokens), mode
+        assert r.usage.prompt_tokens == len(gen.encode_prompts([{"text": text, "images": [B, A]}])[0])
+    stream = complete("Describe it.", [data_url(B)], stream=True)  # no marker: the image before the text
+    assert "".join(c.choices[0].text for c in stream if c.choices) == gen.generate(
+        [{"text": "Describe it.", "images": [B]}], max_new_tokens=N)[0].text
+    assert complete("HAMLET:", []).choices[0].text == gen.generate(["HAMLET:"], max_new_tokens=N)[0].text
+
+    n_big = len(gen.encode_prompts([{"text": "x", "images": [BIG, BIG]}])[0])
+    garbage = "data:image/png;base64," + base64.b64encode(b"garbage bytes").decode()
+    bad = [("x", ["https://example.com/cat.png"], "images", "images[0]: https:// image URLs are not fetched"),
+           ("x", [data_url(A), "/etc/hostname"], "images",
+            "images[1]: '/etc/hostname' is not an absolute path inside an allowed media directory"),
+           ("x", [str(media_dir / ".." / "a.png")], "images", "is not an absolute path inside"),
+           ("x", [str(media_dir / "broken.png")], "images", "images[0]: cannot decode the image data"),
+           ("x", [garbage], "images", "images[0]: not an image Pillow can decode"),
+           ("x", [{"url": data_url(A)}], "images", "images[0]: an image must be given as a data: URL or a path"),
+           ("x", data_url(A), "images", "'images' must be a list of images"),
+           (f"two {IMAGE_MARKER}{IMAGE_MARKER}", [data_url(A)], "prompt",
+            "prompt: the text has 2 image marker(s) '<image>' but 1 image(s) were given"),
+           ([5, 6, 7], [data_url(A)], "prompt", "'images' needs a string 'prompt'"),
+           ("x", [data_url(BIG)] * 2, "prompt",
+            f"the prompt has {n_big} tokens (146 of them the blocks of 2 image(s)); this server takes at most 128")]
+    for prompt, images, param, message in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            complete(prompt, images)
+        err = e.value.body
+        assert e.value.status_code == 400 and message in err["message"] and err["param"] == param, (message, err)
+    r = complete(text, [data_url(B), data_url(A)])  # still serving
+    assert r.choices[0].text == gen.generate([{"text": text, "images": [B, A]}], max_new_tokens=N)[0].text
+
+
 def test_text_only_server_refuses_image_parts(text_gen):
-    """The real app over a real (unstarted) engine of a text checkpoint: an image part is a 400 before any
-    engine work."""
+    """The real app over a real (unstarted) engine of a text checkpoint: an image part, or a completion's
+    `images`, is a 400 before any engine work."""
     import asyncio
 
     from nemodiff_jax import serve
 
     app = serve.create_app(serve.Server(text_gen, Engine(text_gen), "text"))
-    body = json.dumps({"messages": CHAT, "max_tokens": 2}).encode()
 
-    async def call():
+    async def call(path, body):
+        body = json.dumps(body).encode()
         sent, out = [False], []
 
         async def receive():
@@ -456,14 +541,16 @@ def test_text_only_server_refuses_image_parts(text_gen):
             out.append(message)
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "scheme": "http", "path": path, "raw_path": path.encode(),
                  "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
         await app(scope, receive, send)
         return out[0]["status"], json.loads(b"".join(m.get("body", b"") for m in out[1:]))
 
-    status, err = asyncio.run(call())
-    assert status == 400 and "this model is text-only" in err["error"]["message"], err
-    assert err["error"]["param"] == "messages[0].content"
+    for path, body, param in (("/v1/chat/completions", {"messages": CHAT}, "messages[0].content"),
+                              ("/v1/completions", {"prompt": "x", "images": [data_url(A)]}, "images")):
+        status, err = asyncio.run(call(path, {**body, "max_tokens": 2}))
+        assert status == 400 and "this model is text-only" in err["error"]["message"], err
+        assert err["error"]["param"] == param, err
     with pytest.raises(ValueError, match="text-only"):
         serve.run(text_gen, "text", allowed_media_dirs=[Path(__file__).parent])

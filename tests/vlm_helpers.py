@@ -78,20 +78,24 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def reference_prefill(model: Transformer, ids, images, capacity: int):
-    """The prefill written directly over the model for one prompt: the images preprocessed
+def reference_embeds(model: Transformer, ids, images) -> jax.Array:
+    """One prompt's input embeddings [1, T, D] written directly over the model: the images preprocessed
     (image_processing.preprocess, at the tower's cap) and encoded together (vision.patchify ->
-    model.encode_images), spliced into the prompt's embeddings in order (model.embed), one causal forward from
-    those embeddings into a fresh KV cache. Returns the last position's logits [V] and the advanced cache."""
-    cfg = model.config
-    tokens = jnp.asarray([ids], jnp.int32)
+    model.encode_images), spliced into the prompt's embeddings in order (model.embed)."""
     features = None
     if images:
-        v = cfg.vision
+        v = model.config.vision
         processed = [preprocess(im, max_image_size=min(1400, v.image_size), patch_size=v.patch_size,
                                 merge_size=v.spatial_merge_size) for im in images]
         features = model.encode_images(vision.patchify([p.pixel_values for p in processed], v))
-    embeds = model.embed(tokens, features)
+    return model.embed(jnp.asarray([ids], jnp.int32), features)
+
+
+def reference_prefill(model: Transformer, ids, images, capacity: int):
+    """The prefill written directly over the model for one prompt: its embeddings (reference_embeds), one causal
+    forward from them into a fresh KV cache. Returns the last position's logits [V] and the advanced cache."""
+    cfg = model.config
+    embeds = reference_embeds(model, ids, images)
     cache = KVCache.init(cfg, 1, capacity, jnp.float32)
     positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
     logits, cache = model(None, positions, cache, causal=True, embeds=embeds)
