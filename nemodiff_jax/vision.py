@@ -7,14 +7,9 @@ into the prompt's token embeddings, after which the LM runs unchanged (DESIGN §
 Several images of different sizes run as ONE sequence of P patches: attention is block-diagonal (a patch sees
 only its own image, never another; a chunk of query rows at a time, so its memory grows with P, not P**2), and
 the 2-D RoPE restarts at (0, 0) in every image, exactly what transformers' PixtralVisionModel computes per
-image.
-
-Precision, as the LM computes (model.py): every matmul takes its operands in the parameters' dtype and accumulates
-in float32 (`matmul`), so a bf16 tower runs bf16 tensor-core matmuls and a float32 one full float32 (HIGHEST: no
-TF32 passes on GPUs, the rule slots.Runtime.precision sets for a float32 LM). The rest stays float32: the residual
-stream between blocks, the norms, RoPE, the softmax and the features (spec §12 warns that the tower's activations
-are large, and a tower run entirely in bf16 was seen ~20% off on its features; only the matmul operands are
-rounded here, and tests/test_vision.py bounds the bf16 tower's distance to the float32 one on the same weights).
+image. The tower and projector always compute in float32 with float32 matmuls (Precision.HIGHEST: no TF32/bf16
+passes on GPUs), whatever dtype the weights are stored in: a bf16 tower was seen ~20% off on its features (spec
+§12), while the weights upcast exactly.
 
 Shape legend (model.py's, plus): P patches of all images, M merged image tokens, E tower width, F tower MLP
 width, N tower heads, H tower head dim, C channels, Y/X pixel rows/columns of one patch, R = spatial_merge_size**2
@@ -38,6 +33,8 @@ from flax import nnx
 from nemodiff_jax import rope
 from nemodiff_jax.config import Config, VisionConfig
 
+COMPUTE_DTYPE = jnp.float32
+PRECISION = jax.lax.Precision.HIGHEST
 ATTENTION_CHUNK = 1024  # query rows per step of the tower's attention (block_diagonal_attention)
 
 
@@ -129,16 +126,9 @@ def patchify(images, vcfg: VisionConfig, image_sizes=None, pad_to: int | None = 
     return ImagePatches(*(jnp.asarray(np.concatenate(a)) for a in (patches, rows, cols, segments, merge)))
 
 
-def matmul(subscripts: str, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
-    """The einsum of x and y as the tower computes it: both operands in `dtype` (its parameters'), float32
-    accumulation and result; float32 operands at full precision (HIGHEST), 16-bit ones at the default."""
-    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    return jnp.einsum(subscripts, x.astype(dtype), y.astype(dtype), precision=precision,
-                      preferred_element_type=jnp.float32)
-
-
 def _dense(subscripts: str, x: jax.Array, w: nnx.Param) -> jax.Array:
-    return matmul(subscripts, x, w[...], w.dtype)
+    return jnp.einsum(subscripts, x, w[...].astype(COMPUTE_DTYPE), precision=PRECISION,
+                      preferred_element_type=COMPUTE_DTYPE)
 
 
 def _param(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> nnx.Param:
@@ -147,34 +137,32 @@ def _param(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm entirely in float32 (the tower's residual stream is float32; the weight is upcast)."""
+    """RMSNorm entirely in float32 (the tower's activations are float32; the weight is upcast)."""
 
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(None,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        return self.weight[...].astype(jnp.float32) * (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
+        x = x.astype(COMPUTE_DTYPE)
+        return self.weight[...].astype(COMPUTE_DTYPE) * (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
                                                                             + self.eps))
 
 
 def block_diagonal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
                              chunk: int | None = None) -> jax.Array:
-    """Softmax attention of each patch over the patches of its own image: q, k, v [P, N, H] in the compute dtype
-    (the tower's parameter dtype; q not yet scaled), segments int32 [P] -> float32 [P, N, H]. Both matmuls take
-    their operands in that dtype (`matmul`: the probabilities are cast to it), the scores and the softmax are
-    float32. Query rows go `chunk` at a time (default
+    """Softmax attention of each patch over the patches of its own image: q, k, v float32 [P, N, H] (q not yet
+    scaled), segments int32 [P] -> float32 [P, N, H]. Query rows go `chunk` at a time (default
     ATTENTION_CHUNK), so the scores take N * chunk * P floats instead of N * P * P (one 1036 x 1036 image,
     P = 5476, 16 heads: 0.36 GB instead of 1.9 GB); each row's softmax is the dense one's. P <= chunk: one
     dense step. Every row attends to itself (same segment), so no row is all masked."""
     chunk = chunk or ATTENTION_CHUNK
 
     def attend(q_rows: jax.Array, seg_rows: jax.Array) -> jax.Array:
-        scores = matmul("pnh,qnh->npq", q_rows, k, q.dtype) * q.shape[-1] ** -0.5
+        scores = jnp.einsum("pnh,qnh->npq", q_rows, k, precision=PRECISION) * q.shape[-1] ** -0.5
         mask = seg_rows[:, None] == segments[None, :]  # block-diagonal: the patches of one image
         probs = jax.nn.softmax(jnp.where(mask[None], scores, -jnp.inf), axis=-1)
-        return matmul("npq,qnh->pnh", probs, v, v.dtype)
+        return jnp.einsum("npq,qnh->pnh", probs, v, precision=PRECISION)
 
     p = q.shape[0]
     if p <= chunk:
@@ -197,8 +185,7 @@ class VisionAttention(nnx.Module):
         qkv = _dense("pe,ecnh->pcnh", x, self.qkv)
         q = rope.apply_rope(qkv[None, :, 0], cos[None], sin[None])[0]
         k = rope.apply_rope(qkv[None, :, 1], cos[None], sin[None])[0]
-        dtype = self.qkv.dtype  # the matmuls' operand dtype
-        out = block_diagonal_attention(q.astype(dtype), k.astype(dtype), qkv[:, 2].astype(dtype), segments)
+        out = block_diagonal_attention(q, k, qkv[:, 2], segments)
         return _dense("pnh,nhe->pe", out, self.o)
 
 
@@ -240,7 +227,7 @@ class VisionTower(nnx.Module):
 
     def __call__(self, images: ImagePatches) -> jax.Array:
         """float32 [P, E] features of every patch."""
-        x = _dense("pcyx,cyxe->pe", images.patches, self.patch_conv)
+        x = _dense("pcyx,cyxe->pe", images.patches.astype(COMPUTE_DTYPE), self.patch_conv)
         x = self.ln_pre(x)
         cos, sin = rope.pixtral_cos_sin(self.config, images.rows, images.cols)
         for i, layer in enumerate(self.layers):

@@ -1,7 +1,7 @@
 """The VLM's image path (spec §12, nemodiff_jax/vision.py): Pixtral tower + Mistral3 projector + the splice into
 the prompt, against HF transformers' `Mistral3ForConditionalGeneration` (committed fixture from
 scripts/vlm_reference.py, and live where torch imports), plus the properties that must hold without a
-reference: one image alone = the same image beside others, matmuls in the parameters' dtype, placeholder
+reference: one image alone = the same image beside others, float32 compute for 16-bit weights, placeholder
 counts checked, an image-free prompt on the VLM = the text model."""
 
 import dataclasses
@@ -199,49 +199,9 @@ def test_each_image_only_sees_itself(tiny):
     assert rel_err(mixed, together) > 1e-2
 
 
-def dot_generals(jaxpr):
-    """Every dot_general of a jaxpr and of the jaxprs inside it (the chunked attention's loop)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for value in eqn.params.values():
-            for x in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(x, "jaxpr", x)
-                if hasattr(inner, "eqns"):
-                    yield from dot_generals(inner)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_tower_matmuls_take_the_parameter_dtype(tiny, dtype, monkeypatch):
-    """Every matmul of the tower and projector (the patch conv; per layer qkv, scores, probabilities x values, o,
-    gate_up, down; the projector's three) takes both operands in the parameters' dtype and accumulates in
-    float32, as the LM's do: a bf16 model runs bf16 matmuls at the default precision (tensor cores), a float32
-    one full float32 (HIGHEST). The attention runs in chunks here, so its loop's matmuls are inspected too."""
-    model, images = tiny
-    monkeypatch.setattr(vision, "ATTENTION_CHUNK", 16)
-    graphdef, state = nnx.split(model)
-    cast = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
-    patches = vision.patchify(images, TINY.vision)
-    assert patches.patches.shape[0] > 16  # several chunks: the scores and values matmuls sit in a loop
-    dots = list(dot_generals(jax.make_jaxpr(cast.encode_images)(patches).jaxpr))
-    assert len(dots) == 1 + 6 * TINY.vision.num_layers + 3
-    precision = (jax.lax.Precision.HIGHEST,) * 2 if dtype == jnp.float32 else None
-    for eqn in dots:
-        shapes = [v.aval.shape for v in eqn.invars]
-        assert [v.aval.dtype for v in eqn.invars] == [dtype, dtype], shapes
-        assert eqn.params["preferred_element_type"] == jnp.float32, shapes
-        assert eqn.params["precision"] == precision, (shapes, eqn.params["precision"])
-    assert cast.encode_images(patches).dtype == jnp.float32
-
-
-BF16_TOL = 1.5e-2  # bf16 tower vs the float32 one on the same weights (fixture: 6.9e-3 features, 5.5e-3 tower)
-
-
-def test_bf16_tower_is_close_to_float32(fixture_case):
-    """A bf16 checkpoint's tower and projector (bf16 matmul operands, float32 accumulation, residual stream,
-    norms and softmax) stay within BF16_TOL of the float32 computation on the same (bf16-rounded) weights, so
-    the gap is the compute alone; it is a bf16 computation (not float32 rounding, ~1e-7), and still close to
-    transformers' float32 features. The features stay float32."""
+def test_tower_computes_in_float32_for_bf16_weights(fixture_case):
+    """bf16-stored weights: the tower upcasts them and computes in float32, so its features equal those of a
+    float32 model holding the same (bf16-rounded) weights, and stay float32."""
     name, model32, ref = fixture_case
     d = FIXTURES / name
     cfg = Config.from_file(d / "config.json")
@@ -249,11 +209,11 @@ def test_bf16_tower_is_close_to_float32(fixture_case):
     graphdef, state = nnx.split(model32)
     rounded = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), state))
     images = vision.patchify(ref["pixel_values"], cfg.vision, ref["image_sizes"])
-    for part in (lambda m: m.vision_tower(images), lambda m: encode(m, images)):
-        got, want = part(model16), part(rounded)
-        assert got.dtype == jnp.float32 and got.shape == want.shape
-        assert 1e-4 < rel_err(got, want) <= BF16_TOL, rel_err(got, want)
-    assert rel_err(got, ref["image_features"]) < 2e-2  # bf16 weights and matmuls
+    got, want = model16.encode_images(images), rounded.encode_images(images)
+    assert got.dtype == jnp.float32
+    # float32 rounding only (a bf16 computation would be ~1e-2 off); bit-equal on CPU, where both compile alike
+    assert rel_err(got, want) <= 1e-6, rel_err(got, want)
+    assert rel_err(got, ref["image_features"]) < 2e-2  # bf16 weights, float32 activations: still close
 
 
 def dense_attention_reference(q, k, v, segments) -> np.ndarray:
