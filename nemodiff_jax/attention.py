@@ -3,7 +3,9 @@
 Chunk attention over a KV cache (prefill, AR step, denoise, draft, verify, commit): the chunk's K/V are
 already written at each row's `[length, length+T)`, so query j of a row sees cache slot s iff
     s < length + j + 1   (causal, "bottom-right" aligned), or
-    s < length + T       (bidirectional: cache + the whole chunk).
+    s < length + T       (bidirectional: cache + the whole chunk), or
+    s < length or within[j, s - length]   (a structured chunk: `within` [T, T], static, e.g. the
+                                           quadratic_spec canvas; the cache is seen whole).
 Shapes: B batch, T chunk, S cache capacity, N query heads, K kv heads, G = N/K, H head dim.
 """
 
@@ -14,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 
@@ -21,6 +24,16 @@ def chunk_mask(lengths: jax.Array, t: int, s: int, causal: bool) -> jax.Array:
     """bool [B, T, S]: which cache slots each chunk query may attend to."""
     limit = lengths[:, None] + (jnp.arange(1, t + 1) if causal else jnp.full((t,), t))[None, :]  # [B, T]
     return jnp.arange(s)[None, None, :] < limit[:, :, None]
+
+
+def within_mask(lengths: jax.Array, within: np.ndarray, s: int) -> jax.Array:
+    """bool [B, T, S]: the cache before each row's length, and the chunk at [length, length+T) as `within`
+    [T, T] (query j sees chunk slot i iff within[j, i]) allows."""
+    t = within.shape[0]
+    rel = jnp.arange(s)[None, :] - lengths[:, None]  # [B, S]: slot index within the chunk
+    inside = jnp.asarray(within)[:, jnp.clip(rel, 0, t - 1)]  # [T, B, S]
+    inside = jnp.transpose(inside, (1, 0, 2)) & ((rel >= 0) & (rel < t))[:, None, :]
+    return (rel < 0)[:, None, :] | inside
 
 
 def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -177,18 +190,31 @@ def mesh_impl(mesh: Mesh, num_kv_heads: int, impl: str = "auto", reference: bool
 
 
 def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                    causal: bool, impl: str | Sharded = "auto", device: DeviceInfo | None = None) -> jax.Array:
+                    causal: bool, impl: str | Sharded = "auto", device: DeviceInfo | None = None,
+                    within: np.ndarray | None = None) -> jax.Array:
     """q [B,T,N,H] over the layer's cache [B,S,K,H] (chunk already written) with per-row lengths [B].
 
     impl: "xla" (the reference; any device), "pallas" (pallas_kernels/chunk_attention.py: reads only up to
     each row's length + T, scores stay on chip), "cudnn" (jax.nn.dot_product_attention's cuDNN flash
     attention), "auto" (the table above, for `device`, default the first jax device), or a Sharded (under a
-    mesh). A forced path that cannot run here is a ValueError naming the device and the reason."""
+    mesh). A forced path that cannot run here is a ValueError naming the device and the reason.
+    `within` [T, T] (static numpy bool) replaces `causal` inside the chunk (module doc); the Pallas kernel has
+    no such mask, so "auto" and "pallas" take cuDNN (the mask as a bias) where it runs, else XLA."""
     if isinstance(impl, Sharded):
-        return _sharded(q, k_cache, v_cache, lengths, causal, impl)
+        return _sharded(q, k_cache, v_cache, lengths, causal, impl, within)
     device = DeviceInfo.of() if device is None else device
     b, t, _, h = q.shape
     s = k_cache.shape[1]
+    if within is not None:
+        if within.shape != (t, t):
+            raise ValueError(f"within mask {within.shape} does not match the chunk of {t} queries")
+        if impl in ("auto", "pallas"):  # the kernel has no such mask: the next path that runs
+            impl = "cudnn" if why_not("cudnn", device, q.dtype, h, s) is None else "xla"
+        elif (reason := why_not(impl, device, q.dtype, h, s)) is not None:
+            raise ValueError(f"attention impl {impl!r} cannot run on {device}: {reason}")
+        if impl == "xla":
+            return sdpa(q, k_cache, v_cache, within_mask(lengths, within, s))
+        return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal, within=within)
     if impl == "auto":
         impl = choose_impl(device, q.dtype, h, b, t, s, causal)
     elif (reason := why_not(impl, device, q.dtype, h, s)) is not None:
@@ -202,25 +228,32 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal)
 
 
-def cudnn_chunk_attention(q, k_cache, v_cache, lengths, *, causal: bool, implementation: str = "cudnn"):
+def cudnn_chunk_attention(q, k_cache, v_cache, lengths, *, causal: bool, implementation: str = "cudnn",
+                          within: np.ndarray | None = None):
     """The chunk semantics through cuDNN flash attention: every row's keys end at length + T (kv lengths:
     cuDNN skips the rest); a causal chunk of T > 1 also needs its bottom-right causal mask, which cuDNN's own
-    (top-left) causal mode cannot express, so it goes in as a mask (cuDNN adds it as a bias).
-    `implementation="xla"` runs the same call through jax's XLA path (CPU tests of these arguments)."""
+    (top-left) causal mode cannot express, so it goes in as a mask (cuDNN adds it as a bias), as does a
+    `within` chunk. `implementation="xla"` runs the same call through jax's XLA path (CPU tests of these
+    arguments)."""
     t, s = q.shape[1], k_cache.shape[1]
     kv_lengths = (lengths + t).astype(jnp.int32)
-    mask = chunk_mask(lengths, t, s, True)[:, None] if causal and t > 1 else None  # [B, 1, T, S]
+    if within is not None:
+        mask = within_mask(lengths, within, s)[:, None]
+    else:
+        mask = chunk_mask(lengths, t, s, True)[:, None] if causal and t > 1 else None  # [B, 1, T, S]
     return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, key_value_seq_lengths=kv_lengths,
                                         implementation=implementation)
 
 
-def _sharded(q, k_cache, v_cache, lengths, causal: bool, impl: Sharded):
+def _sharded(q, k_cache, v_cache, lengths, causal: bool, impl: Sharded, within=None):
     from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_reference
 
     def per_device(q, k, v, lens):
-        if impl.reference:
+        if impl.reference and within is None:
             return chunk_attention_reference(q, k, v, lens, causal=causal)
-        return chunk_attention(q, k, v, lens, causal=causal, impl=impl.impl)  # the table, per device
+        if impl.reference:
+            return sdpa(q, k, v, within_mask(lens, within, k.shape[1]))
+        return chunk_attention(q, k, v, lens, causal=causal, impl=impl.impl, within=within)  # the table, per device
 
     heads = P("data", None, "model", None)
     kernel = jax.shard_map(per_device, mesh=impl.mesh, in_specs=(heads, heads, heads, P("data")),

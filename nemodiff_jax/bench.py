@@ -41,11 +41,12 @@ from nemodiff_jax import quant
 from nemodiff_jax.attention import IMPLS
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
+from nemodiff_jax.decoding import quadratic
 from nemodiff_jax.decoding.common import RowSettings, initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.sharding import cache_sharding, make_mesh, matmul_impl, param_shardings, shard_model
 
-MODES = ("ar", "diffusion", "linear_spec")
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 FORMATS = ("bf16", *quant.FORMATS)  # weights as made (bf16) or quantized on the device (model.quantize_weights)
 ATTN_IMPLS = IMPLS  # "auto" | "xla" | "pallas" | "cudnn": nemodiff_jax.attention.chunk_attention's impl
 EMBEDDED = "embedded"  # size name: the embedded model's config.json shape (random weights)
@@ -452,16 +453,20 @@ def kv_bytes(cfg: Config, batch: int, slots: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_loop(graphdef, t: int, causal: bool, attn_impl, n: int, compiler_options: tuple):
-    """n forwards in one fori_loop, jitted once per setting (a repeat measurement reuses the compile)."""
+def _forward_loop(graphdef, t: int, causal: bool, attn_impl, n: int, compiler_options: tuple, chain: int = 0):
+    """n forwards in one fori_loop, jitted once per setting (a repeat measurement reuses the compile).
+    `chain` > 0: quadratic_spec's canvas of that chain (t = its width; its positions and mask)."""
+    offsets, within = (quadratic.canvas(chain)[:2] if chain else (np.arange(t), None))
+    extra = {} if within is None else {"within": within}
+
     @functools.partial(jax.jit, donate_argnums=(2,), compiler_options=dict(compiler_options) or None)
     def loop(params, tokens, cache):
         m = nnx.merge(graphdef, params)
-        pos = cache.lengths[:, None] + jnp.arange(t)[None]
+        pos = cache.lengths[:, None] + jnp.asarray(offsets, jnp.int32)[None]
 
         def body(i, carry):
             cache, acc = carry
-            logits, cache = m(tokens, pos, cache, causal=causal, attn_impl=attn_impl)
+            logits, cache = m(tokens, pos, cache, causal=causal, attn_impl=attn_impl, **extra)
             return cache, acc + logits[:, -1, 0]
 
         return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((tokens.shape[0],), jnp.float32)))
@@ -470,12 +475,14 @@ def _forward_loop(graphdef, t: int, causal: bool, attn_impl, n: int, compiler_op
 
 
 def bench_forward(model, cfg, batch, ctx, t, causal, attn_impl="xla", n=16, warmup=2, iters=5,
-                  compiler_options=None, info=None, mesh=None):
+                  compiler_options=None, info=None, mesh=None, chain=0):
     """Device time of one forward at chunk size t over a cache holding ctx tokens: n forwards in one
-    on-device fori_loop (cache carried and donated), so host dispatch is not measured."""
+    on-device fori_loop (cache carried and donated), so host dispatch is not measured. `chain` > 0: a
+    quadratic_spec round's canvas (t must be its width)."""
     graphdef, params = nnx.split(model)
-    capacity = ctx + 64
-    loop = _forward_loop(graphdef, t, causal, attn_impl, n, tuple(sorted((compiler_options or {}).items())))
+    capacity = ctx + max(64, t)
+    loop = _forward_loop(graphdef, t, causal, attn_impl, n, tuple(sorted((compiler_options or {}).items())),
+                         chain)
     cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, lengths=jnp.full((batch,), ctx, jnp.int32),
                          sharding=cache_sharding(cfg, batch, mesh))
     tokens = jnp.ones((batch, t), jnp.int32)
@@ -497,12 +504,12 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real."""
     from nemodiff_jax.generate import MODE_OPTIONS, decoding_options
     from nemodiff_jax.slots import MODES as DECODERS
-    from nemodiff_jax.slots import round_up
+    from nemodiff_jax.slots import chunk_width, draft_width, round_up
 
     graphdef, params = nnx.split(model)
     opts = decoding_options(cfg, mode, {}, attn_impl)
     step = DECODERS[mode].step
-    capacity = round_up(prompt_len + new_tokens + 2 * cfg.block_size + 64, 128)
+    capacity = round_up(prompt_len + new_tokens + 2 * cfg.block_size + chunk_width(opts) + 64, 128)
 
     def fresh():
         cache = KVCache.init(cfg, batch, capacity, jnp.bfloat16, sharding=cache_sharding(cfg, batch, mesh),
@@ -512,7 +519,7 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
         threshold = MODE_OPTIONS[mode].get("threshold", 0.0)  # the Generator's defaults, no stop ids
         rows = RowSettings.make([new_tokens] * batch, [0.0] * batch, [None] * batch, [None] * batch, [()] * batch,
                                 [threshold] * batch, [opts.block] * batch)
-        return initial_state(cache, new_tokens + 2 * cfg.block_size, keys, rows, None, first)
+        return initial_state(cache, new_tokens + 2 * cfg.block_size, keys, rows, None, first, draft_width(opts))
 
     t0 = time.perf_counter()
     st = run_device(graphdef, params, step, opts, fresh())
@@ -572,6 +579,11 @@ def _bench_format(res, name, cfg, fmt, s, hbm, impls, mesh, save):
         _roof(row, "t1_", hbm, streamed, row["t1_ms"] / 1e3)
         row["t32_over_t1"] = row["t32_causal_ms"] / row["t1_ms"]
         row["linear_spec_round_in_ar_forwards"] = (row["t32_bidir_ms"] + row["t32_causal_ms"]) / row["t1_ms"]
+        chain = quadratic.DEFAULT_CHAIN
+        dt = bench_forward(model, cfg, 1, ctx, quadratic.width(chain), True, attn_impl=impls[impl], mesh=mesh,
+                           chain=chain)
+        row["quadratic_round_ms"] = 1e3 * dt
+        row["quadratic_round_in_ar_forwards"] = row["quadratic_round_ms"] / row["t1_ms"]
         res["forward"].append(row)
         save(res)
         print(json.dumps({name: row}), flush=True)
@@ -631,13 +643,15 @@ def markdown(report: dict) -> str:
         lines += [f"**{s['size']}** (random weights; streamed per forward: {streamed})"]
         if s["forward"]:
             lines += ["", "| weights | attn | context | T=1 ms | floor ms | % roofline | T=32 causal ms | T=32/T=1 | "
-                      "T=32 bidir ms | linear_spec round (AR fwds) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "T=32 bidir ms | linear_spec round (AR fwds) | quadratic_spec round, chain 8 (AR fwds) |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["forward"]:
             lines.append(f"| {r.get('format', 'bf16')} | {r['attn']} | {r['context']} | {r['t1_ms']:.2f} | "
                          f"{r['floor_ms']:.2f} | "
                          f"{_pct2(r['t1_roofline_pct'], r['t1_roofline_pct_datasheet'])} | "
                          f"{r['t32_causal_ms']:.2f} | {r['t32_over_t1']:.2f} | {r['t32_bidir_ms']:.2f} | "
-                         f"{r['linear_spec_round_in_ar_forwards']:.2f} |")
+                         f"{r['linear_spec_round_in_ar_forwards']:.2f} | "
+                         f"{r.get('quadratic_round_in_ar_forwards', float('nan')):.2f} |")
         lines += ["", "| weights | mode | attn | batch | tok/s | ms/forward | forwards | tokens/forward | % roofline | "
                   "compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["e2e"]:

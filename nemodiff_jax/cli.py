@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
 
-MODES = ("ar", "diffusion", "linear_spec")
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 QUANTIZE_HELP = ("quantize the matmul weights as they load: int8 per channel, int4 in groups of 128, the head int8 "
                  "(docs/QUANTIZATION.md); a quantized checkpoint loads as it is")
 
@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: all three modes on the embedded model, with a stats table."""
+    """The main job: every mode on the embedded model, with a stats table."""
     from nemodiff_jax.generate import load
 
     path = Path(args.model) if args.model else default_model()
@@ -118,13 +118,13 @@ def cmd_demo(args) -> int:
         fwd = sum(r.stats["forward_passes"] for r in results)
         row = {"mode": mode, "tokens": toks, "tokens/forward": toks / fwd,
                "batch tok/s": results[0].stats["batch_tokens_per_s"]}
-        if mode == "linear_spec":
+        if mode in ("linear_spec", "quadratic_spec"):
             row["accepted/round"] = sum(r.stats["mean_accepted_per_round"] for r in results) / len(results)
         if mode == "diffusion":
             row["steps/block"] = sum(r.stats["denoise_steps_per_block"] for r in results) / len(results)
         rows.append(row)
-    ar_tokens = [r.tokens for r in gen.generate(prompts, mode="ar", max_new_tokens=args.max_new_tokens)]
-    ls_tokens = [r.tokens for r in gen.generate(prompts, mode="linear_spec", max_new_tokens=args.max_new_tokens)]
+    greedy = {m: [r.tokens for r in gen.generate(prompts, mode=m, max_new_tokens=args.max_new_tokens)]
+              for m in ("ar", "linear_spec", "quadratic_spec")}
     from nemodiff_jax.attention import DeviceInfo, choose_impl
 
     device = DeviceInfo.of()
@@ -133,13 +133,14 @@ def cmd_demo(args) -> int:
     print(f"\nmodel: {path}  drafter: {drafter}  batch {len(prompts)}  max_new_tokens {args.max_new_tokens}  "
           f"dtype {args.dtype}")
     print(f"device: {device}  attention: {chunk_path} (a {gen.config.block_size}-token chunk)")
-    print(f"{'mode':<12} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8} {'acc/round':>10} {'steps/blk':>10}")
+    print(f"{'mode':<15} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>8} {'acc/round':>10} {'steps/blk':>10}")
     for r in rows:  # a statistic a mode does not have is "-"
         acc, steps = (f"{r[k]:.2f}" if k in r else "-" for k in ("accepted/round", "steps/block"))
-        print(f"{r['mode']:<12} {r['tokens']:>7} {r['tokens/forward']:>8.2f} {r['batch tok/s']:>8.1f} "
+        print(f"{r['mode']:<15} {r['tokens']:>7} {r['tokens/forward']:>8.2f} {r['batch tok/s']:>8.1f} "
               f"{acc:>10} {steps:>10}")
-    print(f"greedy linear_spec == greedy ar: {ls_tokens == ar_tokens}")
-    return 0 if ls_tokens == ar_tokens else 1
+    same = [greedy[m] == greedy["ar"] for m in ("linear_spec", "quadratic_spec")]
+    print(f"greedy linear_spec == greedy ar: {same[0]}; greedy quadratic_spec == greedy ar: {same[1]}")
+    return 0 if all(same) else 1
 
 
 def mesh_from_args(tensor_parallel: int, data_parallel: bool):
@@ -389,14 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--top-k", type=int, default=None)
         q.add_argument("--top-p", type=float, default=None)
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--block-size", type=int, default=None)
+        q.add_argument("--block-size", type=int, default=None,
+                       help="diffusion / linear_spec block (default: the config's); quadratic_spec: its chain "
+                            "(default 8, at most 32; a canvas of J(J+1) tokens per forward)")
         q.add_argument("--threshold", type=float, default=None,
                        help="diffusion unmask threshold (default 0.9); linear_spec draft threshold (default 0)")
         q.add_argument("--policy", choices=("threshold", "low_confidence", "leftmost"), default=None)
         q.add_argument("--drafter", default=None,
-                       help="PEFT LoRA drafter directory for linear_spec (default: the model's linear_spec_lora/, "
-                            "when it has one)")
-        q.add_argument("--no-drafter", action="store_true", help="no drafter: linear_spec drafts with the base model")
+                       help="PEFT LoRA drafter directory for linear_spec and quadratic_spec (default: the model's "
+                            "linear_spec_lora/, when it has one)")
+        q.add_argument("--no-drafter", action="store_true", help="no drafter: the speculative modes draft with the "
+                                                                  "base model")
         q.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                        help="split each model replica over N devices (heads, MLP, vocab; e.g. 14B over 2 or 4 GPUs)")
         q.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)

@@ -30,10 +30,10 @@ import numpy as np
 
 from nemodiff_jax.config import VisionConfig
 from nemodiff_jax.decoding.common import Options, State
-from nemodiff_jax.generate import MODES, Generator, Result
+from nemodiff_jax.generate import DRAFTING_MODES, MODES, Generator, Result
 from nemodiff_jax.image_processing import ProcessedImage
 from nemodiff_jax.multimodal import Prompt, block_ids
-from nemodiff_jax.slots import Pool, RowPlan, buffer_sizes, round_up, row_tokens
+from nemodiff_jax.slots import Pool, RowPlan, buffer_sizes, chunk_width, round_up, row_tokens
 
 
 def _smallest_image(vcfg: VisionConfig) -> ProcessedImage:
@@ -262,8 +262,8 @@ class Engine:
 
     def _pool(self, opts: Options) -> Pool:
         if opts not in self.pools:
-            capacity, out_len = buffer_sizes(self.max_prompt_tokens, self.max_new_tokens, opts.block)
-            lora = self.gen.drafter if opts.mode == "linear_spec" else None
+            capacity, out_len = buffer_sizes(self.max_prompt_tokens, self.max_new_tokens, chunk_width(opts))
+            lora = self.gen.drafter if opts.mode in DRAFTING_MODES else None
             rt = self.gen.runtime
             self.pools[opts] = Pool(rt, opts, lora, round_up(self.slots_per_pool, rt.data_rows), capacity, out_len)
             self._waiting.setdefault(opts, [])

@@ -16,14 +16,15 @@ from flax import nnx
 from nemodiff_jax import multimodal, slots, vision
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
-from nemodiff_jax.decoding import diffusion
+from nemodiff_jax.decoding import diffusion, quadratic
 from nemodiff_jax.decoding.common import MAX_STOP_IDS, Options, State
 from nemodiff_jax.lora import ADAPTER_CONFIG, DRAFTER_DIR, LoRA, load_lora
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.multimodal import Prompt
 from nemodiff_jax.quant import FORMATS as QUANT_FORMATS
 from nemodiff_jax.sampling import Sampling
-from nemodiff_jax.slots import MODES, Pool, RowPlan, Runtime, buffer_sizes, host_rows, round_up, row_tokens
+from nemodiff_jax.slots import (MODES, Pool, RowPlan, Runtime, buffer_sizes, chunk_width, host_rows, round_up,
+                                row_tokens)
 from nemodiff_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -32,7 +33,9 @@ MODE_OPTIONS = {
     "ar": {},
     "diffusion": {"block_size": None, "policy": "threshold", "threshold": 0.9, "steps": None},
     "linear_spec": {"block_size": None, "threshold": 0.0},
+    "quadratic_spec": {"block_size": quadratic.DEFAULT_CHAIN},  # block_size: the chain (a canvas of J(J+1))
 }
+DRAFTING_MODES = ("linear_spec", "quadratic_spec")  # the modes that run the drafter LoRA
 
 
 @dataclasses.dataclass
@@ -304,6 +307,9 @@ class Generator:
         block = opts.block
         if mode != "ar" and (not _is_int(block) or not 2 <= block <= 256):
             raise ValueError(f"block_size must be an int in [2, 256], got {block!r}")
+        if mode == "quadratic_spec" and block > quadratic.MAX_CHAIN:
+            raise ValueError(f"quadratic_spec block_size (the chain) must be <= {quadratic.MAX_CHAIN} (a canvas "
+                             f"of J(J+1) tokens per forward), got {block}")
         if mode == "diffusion" and o["policy"] not in diffusion.POLICIES:
             raise ValueError(f"unknown diffusion policy {o['policy']!r}; choose from {diffusion.POLICIES}")
         if mode == "diffusion" and o["steps"] is not None and (not _is_int(o["steps"]) or not 1 <= o["steps"] <= block):
@@ -311,12 +317,12 @@ class Generator:
         threshold = o.get("threshold", 0.0)
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        extra = 0 if mode == "ar" else block  # a block may run past the last kept token
+        extra = {"ar": 0, "quadratic_spec": 2 * block}.get(mode, block)  # a block may run past the last kept token
         if longest + max_new_tokens + extra > cfg.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} (+{extra} block "
                              f"slack) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
-        if lora is not None and lora is not False and mode != "linear_spec":
-            raise ValueError(f"lora is only used by mode 'linear_spec' (draft passes), not {mode!r}")
+        if lora is not None and lora is not False and mode not in DRAFTING_MODES:
+            raise ValueError(f"lora is only used by modes {DRAFTING_MODES} (draft passes), not {mode!r}")
         for name, v in (("temperature", temperature), ("top_p", top_p)):
             if v is not None and (not isinstance(v, (int, float, np.number)) or isinstance(v, bool)):
                 raise ValueError(f"{name} must be a number, got {v!r}")
@@ -357,8 +363,8 @@ class Generator:
         longest = max(len(p.ids) for p in prompts)
         plan = self.check_request(mode, max_new_tokens, longest, temperature, top_k, top_p, stop_token_ids, lora,
                                   mode_options, max_thinking_tokens)
-        lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode == "linear_spec" else None
-        capacity, out_len = buffer_sizes(longest, max_new_tokens, plan.block)
+        lora_obj = (self.drafter if lora is None else self._lora(lora)) if mode in DRAFTING_MODES else None
+        capacity, out_len = buffer_sizes(longest, max_new_tokens, chunk_width(plan.opts))
         pool = Pool(self.runtime, plan.opts, lora_obj, len(prompts), capacity, out_len)
         pool.admit({i: (i, p if p.images else p.ids, s, self.prompt_plan(plan, p.ids))
                     for i, (p, s) in enumerate(zip(prompts, seeds))})
@@ -470,7 +476,7 @@ def row_stats(st: State, opts: Options, i: int, n_tokens: int, wall: float) -> d
     if opts.mode == "diffusion":
         stats["blocks"] = rounds
         stats["denoise_steps_per_block"] = work / rounds if rounds else 0.0
-    if opts.mode == "linear_spec":
+    if opts.mode in DRAFTING_MODES:
         stats["rounds"] = rounds
         stats["mean_accepted_per_round"] = work / rounds if rounds else 0.0
     return stats

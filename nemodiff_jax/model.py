@@ -100,7 +100,7 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
 
     def __call__(self, x, cos, sin, qscale, cache: KVCache | None, layer: int, *, causal: bool, mask=None,
-                 lora=None, attn_impl: str = "auto", matmul_impl: str = "auto"):
+                 within=None, lora=None, attn_impl: str = "auto", matmul_impl: str = "auto"):
         qkv = _dense("btd,dkch->btkch", x, self.qkv_proj, matmul_impl)
         g = self.group
         b, t, kh = qkv.shape[:3]
@@ -120,7 +120,7 @@ class Attention(nnx.Module):
             k_buf = write_chunk(cache.k[layer], k, cache.lengths)
             v_buf = write_chunk(cache.v[layer], v, cache.lengths)
             cache = cache.with_layer(layer, k_buf, v_buf)
-            out = chunk_attention(q, k_buf, v_buf, cache.lengths, causal=causal, impl=attn_impl)
+            out = chunk_attention(q, k_buf, v_buf, cache.lengths, causal=causal, impl=attn_impl, within=within)
         y = _dense("btnh,nhd->btd", out, self.o_proj, matmul_impl)
         if lora is not None:  # drafter LoRA on o_proj: y += scale * (out A) B
             a, b = lora.a[layer], lora.b[layer]
@@ -150,11 +150,12 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, rngs, dtype)
 
-    def __call__(self, x, cos, sin, qscale, cache, layer, *, causal, mask=None, lora=None, attn_impl="auto",
-                 matmul_impl="auto"):
+    def __call__(self, x, cos, sin, qscale, cache, layer, *, causal, mask=None, within=None, lora=None,
+                 attn_impl="auto", matmul_impl="auto"):
         with jax.named_scope("attn"):
             h, cache = self.self_attn(self.input_layernorm(x), cos, sin, qscale, cache, layer, causal=causal,
-                                      mask=mask, lora=lora, attn_impl=attn_impl, matmul_impl=matmul_impl)
+                                      mask=mask, within=within, lora=lora, attn_impl=attn_impl,
+                                      matmul_impl=matmul_impl)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attention_layernorm(x), matmul_impl)
@@ -206,10 +207,12 @@ class Transformer(nnx.Module):
             raise ValueError("image features given, but this model has no vision tower (text-only config)")
         return vision.splice_image_features(x, tokens, image_features, self.config.vision.image_token_id)
 
-    def hidden(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto",
-               embeds=None):
+    def hidden(self, tokens, positions, cache=None, *, causal=True, mask=None, within=None, lora=None,
+               attn_impl="auto", embeds=None):
         """Final normalised hidden states [B,T,D] and the cache. `embeds` [B,T,D] (from `embed`, e.g. a prefill
-        with images) replaces the token lookup; `tokens` is then unused and may be None."""
+        with images) replaces the token lookup; `tokens` is then unused and may be None. With a cache, `within`
+        [T, T] (static numpy bool) replaces `causal` inside the chunk (attention.chunk_attention); without
+        one, `mask` [B, T, T] is the whole mask."""
         cfg = self.config
         if cache is not None:
             cache.check_fits((tokens if embeds is None else embeds).shape[1])
@@ -218,7 +221,7 @@ class Transformer(nnx.Module):
         qscale = rope.llama4_query_scale(cfg, positions)
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer{i}"):
-                x, cache = layer(x, cos, sin, qscale, cache, i, causal=causal, mask=mask, lora=lora,
+                x, cache = layer(x, cos, sin, qscale, cache, i, causal=causal, mask=mask, within=within, lora=lora,
                                  attn_impl=attn_impl, matmul_impl=self.matmul_impl)
         return self.norm(x), cache
 
@@ -228,10 +231,10 @@ class Transformer(nnx.Module):
             return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...], preferred_element_type=jnp.float32)
         return _dense("btd,dv->btv", h, self.diffusion_head, self.matmul_impl, jnp.float32)
 
-    def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, lora=None, attn_impl="auto",
-                 embeds=None):
-        h, cache = self.hidden(tokens, positions, cache, causal=causal, mask=mask, lora=lora, attn_impl=attn_impl,
-                               embeds=embeds)
+    def __call__(self, tokens, positions, cache=None, *, causal=True, mask=None, within=None, lora=None,
+                 attn_impl="auto", embeds=None):
+        h, cache = self.hidden(tokens, positions, cache, causal=causal, mask=mask, within=within, lora=lora,
+                               attn_impl=attn_impl, embeds=embeds)
         with jax.named_scope("head"):
             return self.head(h), cache
 

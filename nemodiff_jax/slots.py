@@ -32,11 +32,23 @@ from flax import nnx
 from nemodiff_jax import vision
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import Config
-from nemodiff_jax.decoding import ar, diffusion, speculative
+from nemodiff_jax.decoding import ar, diffusion, quadratic, speculative
 from nemodiff_jax.decoding.common import Options, RowSettings, State, cond, initial_state, prefill
 from nemodiff_jax.multimodal import Prompt, load_pixels
 
-MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative}
+MODES = {"ar": ar, "diffusion": diffusion, "linear_spec": speculative, "quadratic_spec": quadratic}
+
+
+def chunk_width(opts: Options) -> int:
+    """The most cache slots one step writes past a row's length (quadratic_spec: its whole canvas)."""
+    return quadratic.width(opts.block) if opts.mode == "quadratic_spec" else opts.block
+
+
+def draft_width(opts: Options) -> int:
+    """Drafts a row carries between steps (State.drafts): quadratic_spec's chain less its seed."""
+    return opts.block - 1 if opts.mode == "quadratic_spec" else 0
+
+
 ADMIT_MIN_WIDTH = 64  # admission prompt widths: powers of two from here (fewer shapes to compile)
 
 
@@ -153,7 +165,8 @@ def row_tokens(st: State, i: int) -> list[int]:
 # ------------------------------------------------------------------ the compiled programs
 
 
-ROW_FIELDS = ("out", "n_out", "done", "seed", "keys", "rows", "passes", "rounds", "work")  # State's per-row parts
+# State's per-row parts
+ROW_FIELDS = ("out", "n_out", "done", "seed", "keys", "rows", "passes", "rounds", "work", "drafts")
 
 
 def _set_rows(old, new, idx):
@@ -172,7 +185,8 @@ def _admit(model, st: State, idx, prompt, lens, keys, rows: RowSettings, opts: O
     small = KVCache.init(model.config, k, round_up(width, 128), model.dtype)
     last, small = prefill(model, prompt, lens, small, opts, embeds)
     first = ar.first_token(last, small, keys, rows.sampling)
-    new = initial_state(small, st.out.shape[1], keys, rows, st.lora, first)
+    new = initial_state(small, st.out.shape[1], keys, rows, st.lora, first,
+                        0 if st.drafts is None else st.drafts.shape[1])
     slots = jnp.arange(width)[None, :]
     cache = dataclasses.replace(
         st.cache, lengths=st.cache.lengths.at[idx].set(lens),
@@ -313,12 +327,12 @@ def compiled_programs() -> int:
             + sum(f._cache_size() for f in list(_ENCODERS.values())))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 9))
 def _empty_state(cfg, dtype, n: int, capacity: int, out_len: int, cache_sharding, keys, rows: RowSettings,
-                 lora) -> State:
+                 lora, drafts: int) -> State:
     """`n` done rows over a zeroed cache: no forward runs until the first admission."""
     cache = KVCache.init(cfg, n, capacity, dtype, sharding=cache_sharding)
-    st = initial_state(cache, out_len, keys, rows, lora, jnp.zeros((n,), jnp.int32))
+    st = initial_state(cache, out_len, keys, rows, lora, jnp.zeros((n,), jnp.int32), drafts)
     return dataclasses.replace(st, done=jnp.ones((n,), bool))
 
 
@@ -365,7 +379,7 @@ class Pool:
                                 [self.opts.block] * n)
         keys, rows = rt.place_rows(keys, rows)
         return _empty_state(rt.config, rt.dtype, n, self.capacity, self.out_len, rt.cache_sharding(n), keys, rows,
-                            self.lora)
+                            self.lora, draft_width(self.opts))
 
     def admit(self, items: dict[int, tuple[object, Sequence[int] | Prompt, int, RowPlan]]) -> None:
         """items: slot -> (owner, prompt, seed, plan); a prompt is token ids, or a multimodal.Prompt (ids and

@@ -170,3 +170,37 @@ def test_mesh_applies_the_table_per_device(monkeypatch):
     assert attn.mesh_impl(make_mesh(1, 4), num_kv_heads=2) == "xla"
     with pytest.raises(ValueError, match="split evenly"):
         attn.mesh_impl(make_mesh(1, 4), num_kv_heads=2, impl="cudnn")
+
+
+def test_within_chunk_mask():
+    """A structured chunk (`within` [T, T]): the cache before each row's length is seen whole, the chunk as
+    `within` says, nothing past it. tril(within) == the causal chunk, ones == the bidirectional one; a
+    quadratic_spec canvas through XLA and through the cuDNN call's arguments (run by XLA here) equals sdpa under
+    the mask built by hand; the kernel paths ("pallas", "auto" on an H200) fall back to a path with masks."""
+    from nemodiff_jax.decoding import quadratic
+
+    b, t, s = 3, 6, 40
+    lens = jnp.array([0, 9, s - t], jnp.int32)
+    tril, ones = np.tril(np.ones((t, t), bool)), np.ones((t, t), bool)
+    np.testing.assert_array_equal(attn.within_mask(lens, tril, s), attn.chunk_mask(lens, t, s, True))
+    np.testing.assert_array_equal(attn.within_mask(lens, ones, s), attn.chunk_mask(lens, t, s, False))
+    within = quadratic.canvas(2)[1]  # T = 6
+    by_hand = np.zeros((b, t, s), bool)
+    for r, n in enumerate(np.asarray(lens)):
+        by_hand[r, :, :n] = True
+        by_hand[r, :, n:n + t] = within
+    np.testing.assert_array_equal(attn.within_mask(lens, within, s), by_hand)
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((b, t, 4, 16)), F32)
+    kc, vc = (jnp.asarray(rng.standard_normal((b, s, 2, 16)), F32) for _ in range(2))
+    want = attn.sdpa(q, kc, vc, jnp.asarray(by_hand))
+    got = attn.chunk_attention(q, kc, vc, lens, causal=True, impl="xla", within=within)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    via_cudnn_args = attn.cudnn_chunk_attention(q, kc, vc, lens, causal=True, implementation="xla", within=within)
+    np.testing.assert_allclose(via_cudnn_args, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(attn.chunk_attention(q, kc, vc, lens, causal=True, impl="xla"), want, atol=1e-3)
+    for impl in ("pallas", "auto"):  # on a CPU: XLA (cuDNN cannot run here either)
+        out = attn.chunk_attention(q, kc, vc, lens, causal=True, impl=impl, within=within)
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match the chunk"):
+        attn.chunk_attention(q, kc, vc, lens, causal=True, impl="xla", within=tril[:4, :4])

@@ -23,10 +23,12 @@ def check_report(report, md_text, mesh):
     size = report["sizes"][0]
     assert size["size"] == "tiny" and size["weight_bytes"] > 0
     fwd = size["forward"][0]
-    assert fwd["context"] == 64 and all(fwd[k] > 0 for k in ("t1_ms", "t32_causal_ms", "t32_bidir_ms"))
+    assert fwd["context"] == 64 and all(fwd[k] > 0 for k in ("t1_ms", "t32_causal_ms", "t32_bidir_ms",
+                                                              "quadratic_round_ms"))
+    assert fwd["quadratic_round_in_ar_forwards"] == pytest.approx(fwd["quadratic_round_ms"] / fwd["t1_ms"])
     assert fwd["t1_roofline_pct"] > 0 and fwd["t1_roofline_pct_datasheet"] is None  # a CPU has no datasheet
     rows = {(r["mode"], r["batch"]): r for r in size["e2e"]}
-    assert set(rows) == {(m, b) for m in ("ar", "diffusion", "linear_spec") for b in (1, 2)}
+    assert set(rows) == {(m, b) for m in ("ar", "diffusion", "linear_spec", "quadratic_spec") for b in (1, 2)}
     for (mode, b), r in rows.items():
         assert r["tokens_per_s"] > 0 and r["forwards"] > 0
         if mode == "ar":  # one token per forward, 7 decode steps after the prefill's token
@@ -34,6 +36,8 @@ def check_report(report, md_text, mesh):
             assert r["roofline_pct"] > 0 and r["roofline_pct_datasheet"] is None
         if mode == "linear_spec":  # a draft and a verify pass per round
             assert r["forwards"] == 2 * r["rounds"]
+        if mode == "quadratic_spec":  # one canvas forward per round
+            assert r["forwards"] == r["rounds"]
     assert "| ar | xla | 1 |" in md_text and "| linear_spec | xla | 2 |" in md_text
     assert f"`{hbm['winner']}`" in md_text and "% / -" in md_text  # both roofline numbers, datasheet unknown
 

@@ -103,15 +103,16 @@ def test_bad_request_flags_are_clear_errors(model_dir, capsys, flags, message):
 
 def test_demo_prints_one_table_with_dashes_and_the_lossless_check(model_dir, capsys):
     """`nemodiff demo` (make run): one row per mode, a statistic a mode lacks is "-" (never nan), and it ends
-    with the greedy linear_spec == ar check, which is its exit status."""
+    with the greedy linear_spec == ar and quadratic_spec == ar checks, which are its exit status."""
     rc = cli.main(["demo", "--model", str(model_dir), "--max-new-tokens", "8", "--num-prompts", "2"])
     out = capsys.readouterr().out
     assert rc == 0 and "nan" not in out
     lines = out.strip().splitlines()
-    assert lines[-1] == "greedy linear_spec == greedy ar: True"
+    assert lines[-1] == "greedy linear_spec == greedy ar: True; greedy quadratic_spec == greedy ar: True"
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["mode", "tokens"])
-    rows = {line.split()[0]: line.split() for line in lines[head + 1:head + 4]}
-    assert sorted(rows) == ["ar", "diffusion", "linear_spec"]
+    rows = {line.split()[0]: line.split() for line in lines[head + 1:head + 5]}
+    assert sorted(rows) == ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+    assert float(rows["quadratic_spec"][-2]) >= 1 and rows["quadratic_spec"][-1] == "-"
     assert rows["ar"][-2:] == ["-", "-"]
     assert rows["diffusion"][-2] == "-" and float(rows["diffusion"][-1]) >= 1
     assert float(rows["linear_spec"][-2]) >= 1 and rows["linear_spec"][-1] == "-"

@@ -1,7 +1,8 @@
-"""The three decoding modes through `Generator.generate` / `.stream` on the tiny float32 model (CPU).
+"""The decoding modes through `Generator.generate` / `.stream` on the tiny float32 model (CPU).
 
-- greedy `linear_spec` == greedy `ar` token for token (several models, ragged batch, LoRA drafter on/off,
-  stop tokens, multi-pass drafting);
+- greedy `linear_spec` and `quadratic_spec` == greedy `ar` token for token (several models, ragged batch,
+  LoRA drafter on/off, stop tokens, multi-pass drafting, chain lengths); quadratic_spec's canvas against
+  separate causal and bidirectional passes;
 - a "forced" model whose next token depends only on the current token (attention and MLP outputs zeroed, one-hot
   embeddings, hand-set head), so drafts, acceptance counts and diffusion step counts are computed by hand;
 - on-device loop == Python-loop twin, stream == generate, batch rows == the same prompt alone, seeds;
@@ -36,8 +37,10 @@ SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9)
 # threshold 0.05: the random tiny model's confidences are ~0.05, so rows need different numbers of passes
 DIFF_THRESHOLD = dict(policy="threshold", threshold=0.05)
 MODES = [("ar", {}), ("linear_spec", {}), ("diffusion", DIFF_THRESHOLD),
-         ("diffusion", dict(policy="low_confidence")), ("diffusion", dict(policy="leftmost"))]
-MODE_IDS = ["ar", "linear_spec", "diffusion-threshold", "diffusion-low_confidence", "diffusion-leftmost"]
+         ("diffusion", dict(policy="low_confidence")), ("diffusion", dict(policy="leftmost")),
+         ("quadratic_spec", dict(block_size=4))]
+MODE_IDS = ["ar", "linear_spec", "diffusion-threshold", "diffusion-low_confidence", "diffusion-leftmost",
+            "quadratic_spec"]
 TIMING_KEYS = ("wall_time_s", "tokens_per_s", "batch_tokens_per_s")
 
 
@@ -90,6 +93,61 @@ def test_linear_spec_equals_ar_greedy(gens, lora):
                 stats[adapter is not False] = [(r.stats["rounds"], r.stats["decode_forward_passes"]) for r in res]
             differs |= stats[True] != stats[False]
     assert differs, "the LoRA never changed acceptance or draft passes: the LoRA cases test nothing"
+
+
+def test_quadratic_spec_equals_ar_greedy(gens, lora):
+    """Three models, ragged B=4, LoRA drafter off/on, chains of 2, 4 and 8 (the tiny block): the same tokens
+    as ar, one forward per round."""
+    differs = False
+    for seed, g in gens.items():
+        ar = toks(run(g, PROMPTS, "ar"))
+        for chain in (2, 4, 8):
+            stats = {}
+            for adapter in (False, lora):
+                res = run(g, PROMPTS, "quadratic_spec", lora=adapter, block_size=chain)
+                assert toks(res) == ar, (seed, adapter is not False, chain)
+                for r in res:
+                    assert r.stats["decode_forward_passes"] == r.stats["rounds"]
+                    assert 1 <= r.stats["mean_accepted_per_round"] <= chain
+                stats[adapter is not False] = [r.stats["rounds"] for r in res]
+            differs |= stats[True] != stats[False]
+    assert differs, "the LoRA never changed acceptance: the LoRA cases test nothing"
+
+
+def test_quadratic_canvas_equals_separate_causal_and_bidirectional_passes(gens, lora):
+    """One canvas forward (decoding.quadratic) gives, on the chain, the logits of a causal pass over the chain
+    (linear_spec's verify), and on sub-block j those of a bidirectional pass of J masks after the cache plus
+    chain[:j+1], drafter on; positions C+j+1..C+j+J. Independent of the mask/offset plumbing under test."""
+    from nemodiff_jax.cache import KVCache
+    from nemodiff_jax.decoding import quadratic
+    from nemodiff_jax.decoding.common import Options, forward
+
+    model, j = gens[1].model, 4
+    offsets, within, is_chain = quadratic.canvas(j)
+    opts = Options(mode="quadratic_spec", block=j, attn_impl="xla")
+    prompt = jnp.asarray([[5, 9, 14, 2, 77, 31], [8, 3, 60, 61, 62, 63]], jnp.int32)
+    chain = jnp.asarray([[12, 40, 41, 42], [90, 91, 5, 6]], jnp.int32)
+    b = prompt.shape[0]
+
+    def cache_after(tokens):
+        cache = KVCache.init(CFG, b, 128, jnp.float32)
+        _, cache = forward(model, tokens, cache, causal=True, opts=opts)
+        return cache.advance(jnp.full((b,), tokens.shape[1], jnp.int32))
+
+    base = cache_after(prompt)
+    canvas = jnp.concatenate([chain, jnp.full((b, j * j), MASK, jnp.int32)], axis=1)
+    gated = dataclasses.replace(lora, gate=jnp.broadcast_to(jnp.asarray(~is_chain), canvas.shape))
+    got, _ = forward(model, canvas, base, causal=True, opts=opts, lora=gated, offsets=offsets, within=within)
+    want_chain, _ = forward(model, chain, base, causal=True, opts=opts)
+    np.testing.assert_allclose(got[:, :j], want_chain, rtol=1e-5, atol=1e-5)
+    for k in range(j):
+        ctx = cache_after(jnp.concatenate([prompt, chain[:, :k + 1]], axis=1))
+        want, _ = forward(model, jnp.full((b, j), MASK, jnp.int32), ctx, causal=False, opts=opts, lora=lora)
+        np.testing.assert_allclose(got[:, j + k * j:j + (k + 1) * j], want, rtol=1e-5, atol=1e-5, err_msg=str(k))
+    # the structure itself: offsets, and who sees whom
+    assert offsets.tolist() == [0, 1, 2, 3] + [k + i for k in range(j) for i in range(1, j + 1)]
+    assert within[:j, :j].tolist() == np.tril(np.ones((j, j), bool)).tolist() and not within[:j, j:].any()
+    assert within[j + 2 * j, :j].tolist() == [True, True, True, False]  # sub-block 2 sees chain 0..2
 
 
 def test_attached_drafter_is_the_default_lora(gens, lora):
@@ -209,6 +267,20 @@ def test_forced_model_linear_spec_acceptance(scale, threshold, drafts_per_round)
     assert res[1].stats["mean_accepted_per_round"] == 8.0
     assert res[0].stats["mean_accepted_per_round"] == 4.5
     assert res[0].stats["batch_forward_passes"] == 1 + max(FORCED_ROUNDS) * (drafts_per_round + 1)
+
+
+def test_forced_model_quadratic_spec_acceptance():
+    """By hand, chain J = 8: the same as linear_spec (a mask drafts 50 in every sub-block) except that the
+    round after the prefill has no drafts (its chain is [seed, masks]): row 1 (first 50) takes 1 + 8 + 8 + 8
+    in 4 rounds; rows 0, 2, 3 had a 1-token round there anyway."""
+    g = forced_gen(CHAIN, 2.0)
+    res = run(g, FORCED_PROMPTS, "quadratic_spec", block_size=L)
+    assert toks(res) == FORCED_TOKENS
+    rounds, accepted = [6, 4, 9, 4], [27, 25, 30, 25]
+    for r, n, acc in zip(res, rounds, accepted):
+        assert r.stats["rounds"] == r.stats["decode_forward_passes"] == n
+        assert r.stats["mean_accepted_per_round"] == pytest.approx(acc / n)
+    assert res[0].stats["batch_forward_passes"] == 1 + max(rounds)
 
 
 def test_forced_model_lora_changes_acceptance_not_output():
@@ -387,6 +459,11 @@ def test_stats_consistent_with_mode(device_runs):
                     total = round(acc * rounds)
                     assert 1 + total >= MAX_NEW  # first token + accepted per round cover the output...
                     assert 1 + total - L < MAX_NEW  # ...and the last round was needed
+                if mode == "quadratic_spec":
+                    rounds, acc = s["rounds"], s["mean_accepted_per_round"]
+                    assert acc >= 1 and s["decode_forward_passes"] == rounds  # one forward per round
+                    total = round(acc * rounds)
+                    assert 1 + total >= MAX_NEW and 1 + total - opts["block_size"] < MAX_NEW
                 if mode == "diffusion":
                     blocks, steps = s["blocks"], s["denoise_steps_per_block"]
                     assert blocks == -(-(MAX_NEW - 1) // L)  # without stops: every block, first token aside
@@ -428,8 +505,12 @@ def test_bad_input_errors(gens, lora):
         (dict(prompts=[[3], [-1, 4]]), r"prompt 1: token id\(s\) \[-1\] outside"),
         (dict(prompts=["hello"]), "no tokenizer"),
         (dict(prompts="hello"), "non-empty list"),
-        (dict(prompts=PROMPTS, mode="ar", lora=lora), "lora is only used by mode 'linear_spec'"),
-        (dict(prompts=PROMPTS, mode="diffusion", lora=lora), "lora is only used by mode 'linear_spec'"),
+        (dict(prompts=PROMPTS, mode="ar", lora=lora),
+         r"lora is only used by modes \('linear_spec', 'quadratic_spec'\)"),
+        (dict(prompts=PROMPTS, mode="diffusion", lora=lora), "lora is only used by modes"),
+        (dict(prompts=PROMPTS, mode="quadratic_spec", block_size=33),
+         r"quadratic_spec block_size \(the chain\) must be <= 32"),
+        (dict(prompts=PROMPTS, mode="quadratic_spec", threshold=0.5), r"unknown option\(s\) \['threshold'\]"),
         (dict(prompts=PROMPTS, mode="linear_spec",
               lora=random_lora(dataclasses.replace(CFG, num_layers=3), jax.random.key(0))), "LoRA shape does not fit this model"),
         (dict(prompts=PROMPTS, mode="linear_spec",

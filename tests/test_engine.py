@@ -15,6 +15,7 @@ import nemodiff_jax
 from nemodiff_jax import slots as eng
 from nemodiff_jax.embedded import DEMO_PROMPTS, default_model
 from nemodiff_jax.engine import Cancelled, Engine, QueueFull, Request
+from nemodiff_jax.generate import MODES
 
 MIXED = [("ar", 12, {}), ("linear_spec", 14, {}), ("diffusion", 10, {"threshold": 0.9})]
 
@@ -164,10 +165,10 @@ def test_warm_up_compiles_every_admission_shape(gen):
     """After warm_up, requests of any prompt length up to the limit, arriving alone or together, in every
     mode, compile nothing."""
     e = small_engine(gen, max_prompt_tokens=100)  # widths 64, 128; row counts 1, 2
-    assert e.warm_up() == 3 * 4
+    assert e.warm_up() == len(MODES) * 4  # one request per mode
     sizes = eng.compiled_programs()
     with e:
-        for mode, _, _ in MIXED:
+        for mode in MODES:
             for n in (1, 2):
                 for length in (1, 63, 64, 65, 100):
                     hs = [e.submit(Request([5 + i] * length, mode=mode, max_new_tokens=3)) for i in range(n)]

@@ -134,7 +134,7 @@ def test_this_gpu_is_described_and_routed():
 PROMPTS = embedded.PROMPTS
 NEW = 96
 PATHS = ("pallas", "cudnn", "xla")
-MODES = ("ar", "diffusion", "linear_spec")
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # quadratic_spec's canvas: cuDNN / XLA (no kernel)
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +151,13 @@ def tokens(gen, mode, prompts=PROMPTS, **kw):
     return [r.tokens for r in gen.generate(prompts, mode=mode, max_new_tokens=NEW, stop_token_ids=[], **kw)]
 
 
-def test_float32_linear_spec_equals_ar(gen32):
+def test_float32_speculative_modes_equal_ar(gen32):
     assert gen32.attn_impl == "auto"
     ar = tokens(gen32, "ar")
-    assert tokens(gen32, "linear_spec") == ar  # batched, ragged prompts
-    for i in (0, 5):  # and alone
-        assert tokens(gen32, "linear_spec", [PROMPTS[i]]) == [ar[i]]
+    for mode in ("linear_spec", "quadratic_spec"):
+        assert tokens(gen32, mode) == ar, mode  # batched, ragged prompts
+        for i in (0, 5):  # and alone
+            assert tokens(gen32, mode, [PROMPTS[i]]) == [ar[i]], mode
     diff = tokens(gen32, "diffusion")
     assert all(len(t) == NEW and gen32.config.mask_token_id not in t for t in diff)
 
@@ -205,7 +206,7 @@ def test_bfloat16_paths_agree_up_to_near_ties(gens16, gen32, mode):
         assert all(len(t) == NEW for t in got)
         same = sum(a == b for a, b in zip(want, got))
         print(f"{mode} {path}: {same}/{len(PROMPTS)} rows identical to the xla path")
-        if mode != "diffusion":  # ar / linear_spec: one greedy choice per token, so the first difference is one
+        if mode != "diffusion":  # ar / speculative modes: one greedy choice per token, so the first difference is one
             margins = near_tie_margins(gen32, PROMPTS, want, got)
             assert all(m < NEAR_TIE for m in margins), f"{mode} {path}: clear winners flipped: {margins}"
         else:  # parallel unmasking: a near-tie can reorder a block; the tokens must still be real ones

@@ -133,3 +133,19 @@ def test_sharded_kernel_path_falls_back_per_device():
     want = chunk_attention(q, kc, vc, lens, causal=True, impl="xla")
     got = chunk_attention(q, kc, vc, lens, causal=True, impl=Sharded(make_mesh(2, 2)))
     assert jnp.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform")
+def test_quadratic_spec_canvas_under_a_mesh():
+    """quadratic_spec's structured canvas mask under a (2, 2) mesh, through the partitioner-split XLA path and
+    per device in shard_map (attention.Sharded): the single-device tokens, which are ar's."""
+    from nemodiff_jax.attention import mesh_impl
+
+    kw = dict(max_new_tokens=20, stop_token_ids=[])
+    want = [r.tokens for r in Generator(fresh()).generate(PROMPTS, mode="quadratic_spec", block_size=4, **kw)]
+    assert want == [r.tokens for r in Generator(fresh()).generate(PROMPTS, mode="ar", **kw)]
+    mesh = make_mesh(2, 2)
+    g = Generator(fresh(), mesh=mesh)
+    for impl in ("xla", mesh_impl(mesh, CFG.num_kv_heads, reference=True)):
+        g.attn_impl = impl
+        assert [r.tokens for r in g.generate(PROMPTS, mode="quadratic_spec", block_size=4, **kw)] == want, impl

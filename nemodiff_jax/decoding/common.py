@@ -82,15 +82,22 @@ class State:
     rounds: jax.Array  # [B] int32 AR steps / diffusion blocks / speculative rounds
     work: jax.Array  # [B] int32 diffusion: denoise steps; linear_spec: draft passes
     total_passes: jax.Array  # [] int32 forwards run for the whole batch
+    drafts: jax.Array | None = None  # quadratic_spec: [B, J-1] the next round's drafts (-1: none yet)
 
 
-def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Options, lora=None, embeds=None):
-    """One chunk forward at each row's own position (cache.lengths + arange(T)); cache written, not advanced.
-    `embeds` [B,T,D] (a prefill with images) replace the token lookup; the text path calls the model exactly as
-    before (no `embeds` argument)."""
+def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Options, lora=None, embeds=None,
+            offsets: np.ndarray | None = None, within: np.ndarray | None = None):
+    """One chunk forward at each row's own position (cache.lengths + arange(T)); cache written at
+    [length, length+T), not advanced. `embeds` [B,T,D] (a prefill with images) replace the token lookup.
+    A structured chunk (quadratic_spec's canvas) gives each slot's position offset `offsets` [T] and who sees
+    whom inside the chunk, `within` [T, T] (both static numpy). The plain paths call the model exactly as
+    before (no extra arguments)."""
     t = tokens.shape[1]
-    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    offsets = np.arange(t, dtype=np.int32) if offsets is None else offsets
+    positions = cache.lengths[:, None] + jnp.asarray(offsets, jnp.int32)[None, :]
     extra = {} if embeds is None else {"embeds": embeds}
+    if within is not None:
+        extra["within"] = within
     return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl, **extra)
 
 
@@ -136,8 +143,9 @@ def force_think_end(tokens: jax.Array, start: jax.Array, out: jax.Array, n_out: 
     return jnp.where(force, end, tokens), force
 
 
-def initial_state(cache, out_len, keys, rows: RowSettings, lora, first: jax.Array) -> State:
-    """State after prefill: `first` [B] is the first generated token (already emitted)."""
+def initial_state(cache, out_len, keys, rows: RowSettings, lora, first: jax.Array, draft_width: int = 0) -> State:
+    """State after prefill: `first` [B] is the first generated token (already emitted); `draft_width` > 0 (the
+    quadratic_spec chain less one) adds the carried drafts, none yet."""
     b = first.shape[0]
     out = jnp.zeros((b, out_len), jnp.int32)
     zero = jnp.zeros((b,), jnp.int32)
@@ -150,7 +158,8 @@ def initial_state(cache, out_len, keys, rows: RowSettings, lora, first: jax.Arra
 
     return State(cache=cache, out=out, n_out=n_out, done=done, seed=first, keys=keys, rows=rows,
                  lora=lora, passes=zeros(), rounds=zeros(), work=zeros(),
-                 total_passes=jnp.int32(0))
+                 total_passes=jnp.int32(0),
+                 drafts=jnp.full((b, draft_width), -1, jnp.int32) if draft_width else None)
 
 
 def finish_rows(st: State, new_tokens: jax.Array, counts: jax.Array, active: jax.Array) -> dict[str, Any]:
