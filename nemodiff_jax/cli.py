@@ -44,8 +44,9 @@ def drafter_arg(args):
 
 
 def flag_mode_options(args) -> dict:
-    """The mode options given as flags (--block-size, --threshold, --policy), whatever the mode."""
-    flags = {"block_size": args.block_size, "threshold": args.threshold, "policy": args.policy}
+    """The mode options given as flags (--block-size, --threshold, --policy, --deterministic), whatever the mode."""
+    flags = {"block_size": args.block_size, "threshold": args.threshold, "policy": args.policy,
+             "deterministic": True if args.deterministic else None}
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -396,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threshold", type=float, default=None,
                        help="diffusion unmask threshold (default 0.9); linear_spec draft threshold (default 0)")
         q.add_argument("--policy", choices=("threshold", "low_confidence", "leftmost"), default=None)
+        q.add_argument("--deterministic", action="store_true",
+                       help="ar: run every step at linear_spec's verify shape (a block-size chunk), so that greedy "
+                            "linear_spec can equal greedy ar in bf16 too (a 32-token chunk cost 1.08x a 1-token "
+                            "step on an H200)")
         q.add_argument("--drafter", default=None,
                        help="PEFT LoRA drafter directory for linear_spec and quadratic_spec (default: the model's "
                             "linear_spec_lora/, when it has one)")

@@ -30,7 +30,7 @@ from nemodiff_jax.tokenizer import Tokenizer
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Per-mode options (**mode_options of generate) and their defaults; block_size defaults to config.block_size.
 MODE_OPTIONS = {
-    "ar": {},
+    "ar": {"deterministic": False},  # True: each step at linear_spec's verify shape (decoding/ar.py)
     "diffusion": {"block_size": None, "policy": "threshold", "threshold": 0.9, "steps": None},
     "linear_spec": {"block_size": None, "threshold": 0.0},
     "quadratic_spec": {"block_size": quadratic.DEFAULT_CHAIN},  # block_size: the chain (a canvas of J(J+1))
@@ -310,6 +310,8 @@ class Generator:
         if mode == "quadratic_spec" and block > quadratic.MAX_CHAIN:
             raise ValueError(f"quadratic_spec block_size (the chain) must be <= {quadratic.MAX_CHAIN} (a canvas "
                              f"of J(J+1) tokens per forward), got {block}")
+        if mode == "ar" and not isinstance(o["deterministic"], bool):
+            raise ValueError(f"deterministic must be true or false, got {o['deterministic']!r}")
         if mode == "diffusion" and o["policy"] not in diffusion.POLICIES:
             raise ValueError(f"unknown diffusion policy {o['policy']!r}; choose from {diffusion.POLICIES}")
         if mode == "diffusion" and o["steps"] is not None and (not _is_int(o["steps"]) or not 1 <= o["steps"] <= block):
@@ -317,7 +319,8 @@ class Generator:
         threshold = o.get("threshold", 0.0)
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        extra = {"ar": 0, "quadratic_spec": 2 * block}.get(mode, block)  # a block may run past the last kept token
+        # a block (a canvas: two chains) may run past the last kept token
+        extra = {"ar": block if opts.deterministic else 0, "quadratic_spec": 2 * block}.get(mode, block)
         if longest + max_new_tokens + extra > cfg.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} (+{extra} block "
                              f"slack) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
@@ -446,7 +449,7 @@ def decoding_options(cfg: Config, mode: str, options: dict, attn_impl="auto") ->
     o = {**MODE_OPTIONS[mode], **options}
     block = cfg.block_size if o.get("block_size") is None else o["block_size"]
     return Options(mode=mode, block=block, policy=o.get("policy", "threshold"),
-                   mask_id=cfg.mask_token_id, attn_impl=attn_impl)
+                   mask_id=cfg.mask_token_id, attn_impl=attn_impl, deterministic=bool(o.get("deterministic")))
 
 
 def attention_impl(cfg: Config, dtype, attention: str, mesh=None):

@@ -150,6 +150,17 @@ def test_quadratic_canvas_equals_separate_causal_and_bidirectional_passes(gens, 
     assert within[j + 2 * j, :j].tolist() == [True, True, True, False]  # sub-block 2 sees chain 0..2
 
 
+def test_deterministic_ar_equals_ar(gens):
+    """ar's deterministic option (each step a causal block-size chunk, slot 0 read) gives ar's tokens and
+    stats, greedy and sampled (the same noise per position), on three models."""
+    for seed, g in gens.items():
+        for sampling in (GREEDY, SAMPLED):
+            want = run(g, PROMPTS, "ar", seed=[11, 22, 33, 44], **sampling)
+            got = run(g, PROMPTS, "ar", seed=[11, 22, 33, 44], deterministic=True, **sampling)
+            assert toks(got) == toks(want), seed
+            assert batch_stats(got) == batch_stats(want)
+
+
 def test_attached_drafter_is_the_default_lora(gens, lora):
     g = make_gen(0)
     plain = run(g, PROMPTS, "linear_spec", threshold=0.3)
@@ -525,6 +536,8 @@ def test_bad_input_errors(gens, lora):
         (dict(prompts=PROMPTS, seed=-1), r"seed must be an int in \[0, 2\*\*32\)"),
         (dict(prompts=PROMPTS, seed=1.5), "seed must be an int or one int per prompt"),
         (dict(prompts=PROMPTS, mode="diffusion", block_size=0), "block_size must be an int in"),
+        (dict(prompts=PROMPTS, mode="ar", deterministic="yes"), "deterministic must be true or false, got 'yes'"),
+        (dict(prompts=PROMPTS, mode="linear_spec", deterministic=True), r"unknown option\(s\) \['deterministic'\]"),
     ]
     for kw, msg in cases:
         kw = {**ok, **kw}

@@ -32,6 +32,7 @@ class Options:
     policy: str = "threshold"  # diffusion: threshold | low_confidence | leftmost
     mask_id: int = 100
     attn_impl: object = "auto"  # "auto" | "xla" | "pallas" | "cudnn" | attention.Sharded
+    deterministic: bool = False  # ar: each step a causal `block`-token chunk (token, then masks): decoding/ar.py
 
 
 MAX_STOP_IDS = 16  # stop ids per row: the width of RowSettings.stop_ids (padded with -1)
