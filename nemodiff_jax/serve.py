@@ -13,8 +13,9 @@
     GET  /metrics               Prometheus text format
 
 Besides OpenAI's fields (max_tokens, temperature, top_p, seed, stop, stream, stream_options, n = 1) a request
-takes, as extra body fields the way vLLM takes extra parameters: `mode` (ar | diffusion | linear_spec, default
-ar) and that mode's options (`block_size`, `threshold`, `policy`, `steps`: generate.MODE_OPTIONS), `top_k`,
+takes, as extra body fields the way vLLM takes extra parameters: `mode` (ar | diffusion | linear_spec |
+quadratic_spec, default ar) and that mode's options (`block_size`, `threshold`, `policy`, `steps`, `deterministic`:
+generate.MODE_OPTIONS), `top_k`,
 `stop_token_ids` (added to the model's EOS) and `ignore_eos`. Every response, and the last chunk of a stream,
 carries a top-level `stats` object (the engine Result's stats: forward passes, tokens per forward, accepted per
 round, denoise steps per block, ...).
@@ -50,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nemodiff_jax.decoding.diffusion import POLICIES
 from nemodiff_jax.engine import Cancelled, Engine, QueueFull, Request
-from nemodiff_jax.generate import MODE_OPTIONS, MODES, Result
+from nemodiff_jax.generate import DRAFTING_MODES, MODE_OPTIONS, MODES, Result
 from nemodiff_jax.multimodal import IMAGE_MARKER, IMAGE_PART_TYPES, MediaPolicy, Prompt, prepare_image
 from nemodiff_jax.tokenizer import RESERVED_TEMPLATE_KEYS, MissingChatTemplateError
 
@@ -699,10 +700,10 @@ class Server:
                "Generated tokens per forward pass (prefill included), per mode.",
                [({"mode": m}, c["tokens"] / c["forward_passes"]) for m in modes
                 if (c := self.per_mode[m])["forward_passes"]])
-        ls = self.per_mode.get("linear_spec", collections.Counter())
+        spec = [(m, self.per_mode.get(m, collections.Counter())) for m in DRAFTING_MODES]
         metric("nemodiff_accepted_per_round", "gauge",
-               "linear_spec: tokens accepted per draft/verify round (over finished requests).",
-               [({"mode": "linear_spec"}, ls["accepted"] / ls["rounds"] if ls["rounds"] else 0.0)])
+               "Speculative modes: tokens accepted per round (over finished requests).",
+               [({"mode": m}, c["accepted"] / c["rounds"] if c["rounds"] else 0.0) for m, c in spec])
         d = self.per_mode.get("diffusion", collections.Counter())
         metric("nemodiff_denoise_steps_per_block", "gauge", "diffusion: denoise passes per block (over finished "
                "requests).", [({"mode": "diffusion"}, d["denoise_steps"] / d["blocks"] if d["blocks"] else 0.0)])

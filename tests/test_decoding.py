@@ -140,7 +140,7 @@ def test_quadratic_canvas_equals_separate_causal_and_bidirectional_passes(gens, 
     got, _ = forward(model, canvas, base, causal=True, opts=opts, lora=gated, offsets=offsets, within=within)
     want_chain, _ = forward(model, chain, base, causal=True, opts=opts)
     np.testing.assert_allclose(got[:, :j], want_chain, rtol=1e-5, atol=1e-5)
-    for k in range(j):
+    for k in (0, j - 1):  # the first and the last sub-block (the others differ only in how much chain they see)
         ctx = cache_after(jnp.concatenate([prompt, chain[:, :k + 1]], axis=1))
         want, _ = forward(model, jnp.full((b, j), MASK, jnp.int32), ctx, causal=False, opts=opts, lora=lora)
         np.testing.assert_allclose(got[:, j + k * j:j + (k + 1) * j], want, rtol=1e-5, atol=1e-5, err_msg=str(k))
