@@ -280,20 +280,28 @@ def patch_bucket(n: int, minimum: int = 64) -> int:
 
 
 def encode_images(rt: Runtime, prompts: Sequence[Prompt]) -> tuple[jax.Array, list[int]]:
-    """The tower's features float32 [M, D] of every image of `prompts`, in order, in one jitted encode (the
-    patch count bucketed: patch_bucket, so M may be padded), and where each prompt's features start."""
+    """The tower's features float32 [M, D] of every image of `prompts`, in order, and where each prompt's
+    features start. Each image is encoded by itself (one jitted encode per image, its patch count bucketed:
+    patch_bucket): attention stays within an image anyway, and encoding several together would still compute
+    every image's queries against every image's keys (8 images: 8x the attention work). M is the total
+    bucketed the same way (zero rows after the real ones), so the admission programs see a few shapes."""
     vcfg = rt.config.vision
     if vcfg is None:
         raise ValueError("image prompts need a VLM checkpoint (this one has no vision tower)")
-    pixels, offsets, start = [], [], 0
+    encode = encoder(rt.graphdef)
+    features, offsets, start = [], [], 0
     for p in prompts:
         offsets.append(start)
         for image in p.images:
             image = load_pixels(image)
-            pixels.append(image.pixel_values)
-            start += image.num_image_tokens
-    patches = vision.patchify(pixels, vcfg, pad_to=patch_bucket(start * vcfg.spatial_merge_size ** 2))
-    return encoder(rt.graphdef)(rt.params, patches), offsets
+            n = image.num_image_tokens
+            patches = vision.patchify([image.pixel_values], vcfg, pad_to=patch_bucket(n * vcfg.spatial_merge_size ** 2))
+            features.append(encode(rt.params, patches)[:n])
+            start += n
+    r = vcfg.spatial_merge_size ** 2
+    padding = patch_bucket(start * r) // r - start
+    features.append(jnp.zeros((padding, features[0].shape[1]), features[0].dtype))
+    return jnp.concatenate(features), offsets
 
 
 def feature_index(prompts: Sequence[Prompt], starts: Sequence[int], width: int, image_token_id: int) -> np.ndarray:
