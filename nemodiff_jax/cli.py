@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compact", action="store_true", help="stats on one line")
     g.set_defaults(fn=cmd_generate)
 
-    d = sub.add_parser("demo", help="all three modes on the embedded model with a stats table (make run)")
+    d = sub.add_parser("demo", help="every decoding mode on the embedded model with a stats table (make run)")
     d.add_argument("--model", default=None)
     d.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
     d.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,4 +1,4 @@
-"""Loop state and pieces shared by the three modes.
+"""Loop state and pieces shared by the decoding modes.
 
 Every mode is `step(model, State, opts) -> State`, run while `cond(State)`. The decode slots (slots.Pool) run
 the step in on-device while loops (segments) and, as their Python-loop twin, one jitted step at a time;
