@@ -210,22 +210,18 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
             raise ValueError(f"within mask {within.shape} does not match the chunk of {t} queries")
         if impl in ("auto", "pallas"):  # the kernel has no such mask: the next path that runs
             impl = "cudnn" if why_not("cudnn", device, q.dtype, h, s) is None else "xla"
-        elif (reason := why_not(impl, device, q.dtype, h, s)) is not None:
-            raise ValueError(f"attention impl {impl!r} cannot run on {device}: {reason}")
-        if impl == "xla":
-            return sdpa(q, k_cache, v_cache, within_mask(lengths, within, s))
-        return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal, within=within)
     if impl == "auto":
         impl = choose_impl(device, q.dtype, h, b, t, s, causal)
     elif (reason := why_not(impl, device, q.dtype, h, s)) is not None:
         raise ValueError(f"attention impl {impl!r} cannot run on {device}: {reason}")
     if impl == "xla":
-        return sdpa(q, k_cache, v_cache, chunk_mask(lengths, t, s, causal))
+        mask = chunk_mask(lengths, t, s, causal) if within is None else within_mask(lengths, within, s)
+        return sdpa(q, k_cache, v_cache, mask)
     if impl == "pallas":
         from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
 
         return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal)
-    return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal)
+    return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal, within=within)
 
 
 def cudnn_chunk_attention(q, k_cache, v_cache, lengths, *, causal: bool, implementation: str = "cudnn",
@@ -251,9 +247,9 @@ def _sharded(q, k_cache, v_cache, lengths, causal: bool, impl: Sharded, within=N
     def per_device(q, k, v, lens):
         if impl.reference and within is None:
             return chunk_attention_reference(q, k, v, lens, causal=causal)
-        if impl.reference:
-            return sdpa(q, k, v, within_mask(lens, within, k.shape[1]))
-        return chunk_attention(q, k, v, lens, causal=causal, impl=impl.impl, within=within)  # the table, per device
+        # the table per device (the reference of a structured chunk: the XLA path, which has no kernel state)
+        return chunk_attention(q, k, v, lens, causal=causal, impl="xla" if impl.reference else impl.impl,
+                               within=within)
 
     heads = P("data", None, "model", None)
     kernel = jax.shard_map(per_device, mesh=impl.mesh, in_specs=(heads, heads, heads, P("data")),

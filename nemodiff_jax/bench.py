@@ -42,7 +42,7 @@ from nemodiff_jax.attention import IMPLS
 from nemodiff_jax.cache import KVCache
 from nemodiff_jax.config import PRESETS, Config
 from nemodiff_jax.decoding import quadratic
-from nemodiff_jax.decoding.common import RowSettings, initial_state, run_device
+from nemodiff_jax.decoding.common import Options, RowSettings, forward, initial_state, run_device
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.sharding import cache_sharding, make_mesh, matmul_impl, param_shardings, shard_model
 
@@ -456,17 +456,16 @@ def kv_bytes(cfg: Config, batch: int, slots: int) -> int:
 def _forward_loop(graphdef, t: int, causal: bool, attn_impl, n: int, compiler_options: tuple, chain: int = 0):
     """n forwards in one fori_loop, jitted once per setting (a repeat measurement reuses the compile).
     `chain` > 0: quadratic_spec's canvas of that chain (t = its width; its positions and mask)."""
-    offsets, within = (quadratic.canvas(chain)[:2] if chain else (np.arange(t), None))
-    extra = {} if within is None else {"within": within}
+    offsets, within = quadratic.canvas(chain)[:2] if chain else (None, None)
+    opts = Options(mode="bench", attn_impl=attn_impl)
 
     @functools.partial(jax.jit, donate_argnums=(2,), compiler_options=dict(compiler_options) or None)
     def loop(params, tokens, cache):
         m = nnx.merge(graphdef, params)
-        pos = cache.lengths[:, None] + jnp.asarray(offsets, jnp.int32)[None]
 
-        def body(i, carry):
+        def body(i, carry):  # the decode loops' forward: cache written at each row's length, not advanced
             cache, acc = carry
-            logits, cache = m(tokens, pos, cache, causal=causal, attn_impl=attn_impl, **extra)
+            logits, cache = forward(m, tokens, cache, causal=causal, opts=opts, offsets=offsets, within=within)
             return cache, acc + logits[:, -1, 0]
 
         return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((tokens.shape[0],), jnp.float32)))

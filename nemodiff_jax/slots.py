@@ -8,7 +8,7 @@ copied. `run` advances the rows in one on-device while loop until a row finishes
 budget runs out; `steps` is its Python-loop twin.
 
 Prompts with images (a VLM: multimodal.Prompt) are admitted by a program of their own: the tower encodes the
-admission's images in one jitted call (patch count bucketed: patch_bucket), their features replace the
+admission's images one at a time (each its own patch-count bucket: patch_bucket), their features replace the
 placeholder embeddings (vision.place_image_features) and the prefill runs from the embeddings. The text
 admission, segment and step programs do not change: an image is prefix K/V like any other.
 

@@ -153,7 +153,8 @@ def test_mesh_applies_the_table_per_device(monkeypatch):
     monkeypatch.setattr(attn, "_describe", lambda device: RTX4090)
     seen = []
 
-    def record(q, k, v, lengths, *, causal):
+    def record(q, k, v, lengths, *, causal, within=None):
+        assert within is None
         seen.append((q.shape, k.shape, lengths.shape, causal))
         return q
 

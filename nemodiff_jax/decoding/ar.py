@@ -1,10 +1,11 @@
 """`ar`: one causal forward of one token per step (spec §6.1).
 
 `Options.deterministic` (ar's `deterministic` option): the step runs as a causal chunk of `block` slots, the
-token then masks, and reads slot 0. Slot 0 sees only the cache and itself, so the tokens are the same; the point is
-the arithmetic: every matmul and the attention run at linear_spec's verify shape, so that on a GPU an AR step
-and a verify slot round alike and greedy linear_spec equals greedy ar in bf16 too (tests/test_gpu.py). The cache is written for the
-whole chunk (the masks' K/V past the new length are overwritten later) and advanced by one."""
+token then masks, and reads slot 0. Slot 0 sees only the cache and itself, so the tokens are the same; the
+point is the arithmetic: every matmul and the attention run at linear_spec's verify shape, so that on a GPU an
+AR step and a verify slot round alike and greedy linear_spec equals greedy ar in bf16 too (tests/test_gpu.py).
+The cache is written for the whole chunk (the masks' K/V past the new length are overwritten later) and
+advanced by one."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def step(model, st: State, opts: Options) -> State:
     active = ~st.done
     tokens = st.seed[:, None]
     if opts.deterministic:
-        tokens = jnp.concatenate([tokens, jnp.full((tokens.shape[0], opts.block - 1), opts.mask_id, jnp.int32)], 1)
+        masks = jnp.full((tokens.shape[0], opts.block - 1), opts.mask_id, jnp.int32)
+        tokens = jnp.concatenate([tokens, masks], axis=1)
     logits, cache = forward(model, tokens, st.cache, causal=True, opts=opts)
     logits = logits[:, :1]
     cache = cache.advance(active.astype(jnp.int32))

@@ -23,8 +23,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from nemodiff_jax.decoding.common import Options, State, finish_rows, force_think_end, forward
-from nemodiff_jax.decoding.speculative import STREAM_DRAFT, STREAM_VERIFY
+from nemodiff_jax.decoding.common import Options, State, finish_rows, forward
+from nemodiff_jax.decoding.speculative import STREAM_DRAFT, STREAM_VERIFY, accept
 from nemodiff_jax.sampling import choose, row_keys
 
 DEFAULT_CHAIN = 8
@@ -56,9 +56,9 @@ def step(model, st: State, opts: Options) -> State:
     offsets, within, is_chain = canvas(j)
     b = st.seed.shape[0]
     active = ~st.done
-    drafts = jnp.where(st.drafts < 0, opts.mask_id, st.drafts)  # -1: no draft yet (the first round)
-    chain = jnp.concatenate([st.seed[:, None], drafts], axis=1)  # [B, J]
-    tokens = jnp.concatenate([chain, jnp.full((b, j * j), opts.mask_id, jnp.int32)], axis=1)
+    chain = jnp.concatenate([st.seed[:, None], st.drafts], axis=1)  # [B, J]; -1: no draft yet (first round)
+    tokens = jnp.concatenate([jnp.where(chain < 0, opts.mask_id, chain),
+                              jnp.full((b, j * j), opts.mask_id, jnp.int32)], axis=1)
     lora = st.lora
     if lora is not None:  # the drafter on the sub-blocks only: the chain is the plain model, as AR
         lora = dataclasses.replace(lora, gate=jnp.broadcast_to(jnp.asarray(~is_chain), tokens.shape))
@@ -67,12 +67,7 @@ def step(model, st: State, opts: Options) -> State:
     a = choose(logits[:, :j], row_keys(st.keys, STREAM_VERIFY, cache.lengths), st.rows.sampling)  # [B, J]
     d = choose(logits[:, j:], row_keys(st.keys, STREAM_DRAFT, cache.lengths), st.rows.sampling,
                exclude=opts.mask_id).reshape(b, j, j)
-    match = (a[:, :-1] == chain[:, 1:]) & (chain[:, 1:] != opts.mask_id)
-    n = jnp.sum(jnp.cumprod(match, axis=-1), axis=-1).astype(jnp.int32)
-    accepted = n + 1
-    a, forced = force_think_end(a, st.n_out, st.out, st.n_out, st.rows)  # as linear_spec
-    at = jnp.argmax(forced, axis=1).astype(jnp.int32)
-    accepted = jnp.where(jnp.any(forced, axis=1) & (at < accepted), at + 1, accepted)
+    a, accepted = accept(st, a, chain)  # linear_spec's rule (a missing draft, -1, never matches)
     cache = cache.advance(jnp.where(active, accepted, 0))
     last = (accepted - 1)[:, None]
     bonus = jnp.take_along_axis(a, last, axis=1)[:, 0]

@@ -46,6 +46,18 @@ def draft(model, st: State, block, masked, cache, opts: Options):
     return block, cache, k
 
 
+def accept(st: State, a: jax.Array, block: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One round's verdict from the verify choices a [B, L] (a[i]: the AR choice after block[i]): the longest
+    prefix with a[i] == block[i+1], plus the bonus a[n]. A thinking budget among the accepted tokens: </think>
+    takes the bonus's place at the budget index and the round stops there (the tokens before it are accepted
+    drafts, as in AR with the same budget). Returns (a with that </think>, accepted count [B])."""
+    n = jnp.sum(jnp.cumprod(a[:, :-1] == block[:, 1:], axis=-1), axis=-1).astype(jnp.int32)
+    accepted = n + 1
+    a, forced = force_think_end(a, st.n_out, st.out, st.n_out, st.rows)
+    at = jnp.argmax(forced, axis=1).astype(jnp.int32)
+    return a, jnp.where(jnp.any(forced, axis=1) & (at < accepted), at + 1, accepted)
+
+
 def step(model, st: State, opts: Options) -> State:
     L = opts.block
     active = ~st.done
@@ -54,13 +66,7 @@ def step(model, st: State, opts: Options) -> State:
     logits, cache = forward(model, block, cache, causal=True, opts=opts)  # verify: LoRA off
     # fresh noise per round (the block start only grows) and per slot: a[i] ~ AR(. | prefix up to slot i)
     a = choose(logits, row_keys(st.keys, STREAM_VERIFY, cache.lengths), st.rows.sampling)  # [B, L]
-    n = jnp.sum(jnp.cumprod(a[:, :-1] == block[:, 1:], axis=-1), axis=-1).astype(jnp.int32)
-    accepted = n + 1
-    # a thinking budget among the accepted tokens: </think> takes the bonus's place at the budget index and
-    # the round stops there (the tokens before it are accepted drafts, as in AR with the same budget)
-    a, forced = force_think_end(a, st.n_out, st.out, st.n_out, st.rows)
-    at = jnp.argmax(forced, axis=1).astype(jnp.int32)
-    accepted = jnp.where(jnp.any(forced, axis=1) & (at < accepted), at + 1, accepted)
+    a, accepted = accept(st, a, block)
     cache = cache.advance(jnp.where(active, accepted, 0))
     bonus = jnp.take_along_axis(a, (accepted - 1)[:, None], axis=1)[:, 0]
     upd = finish_rows(st, a, accepted, active)
