@@ -1,6 +1,7 @@
 """Per-kernel device time of n forwards (random weights), from a jax.profiler trace read back in-process.
 
     python3 -P benchmarks/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt --hlo-out $OUT/tp2.hlo
+    python3 -P benchmarks/profile_forward.py --size 8B --format int4 --out $OUT/prof_int4.txt
 
 Prints the busiest GPU ops per device (total us per forward, count per forward) and the step time, so a
 forward's time can be split into GEMV / attention / collectives / small kernels without external tools.
@@ -137,6 +138,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="14B", choices=sorted(PRESETS))
     p.add_argument("--mesh", nargs=2, type=int, default=None)
+    p.add_argument("--format", default="bf16", choices=["bf16", "int8", "int4"], help="weights (quantized on the device)")
     p.add_argument("--t", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=1024)
@@ -148,7 +150,7 @@ def main():
     a = p.parse_args()
     mesh = make_mesh(*a.mesh) if a.mesh else None
     cfg = PRESETS[a.size]
-    model = bench.make_model(cfg, mesh)
+    model = bench.make_model(cfg, mesh, a.format)
     n, traced_loops = 16, 3
     impl = bench.resolve_attn(a.attn, cfg, mesh)
     dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=impl, n=n, mesh=mesh)
@@ -160,7 +162,7 @@ def main():
         if a.trace_out:
             with open(path, "rb") as src, gzip.open(a.trace_out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        text = (f"{a.size} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
+        text = (f"{a.size} {a.format} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
                 f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, traced_loops * n, a.top))
     print(text)
     if a.hlo_out:

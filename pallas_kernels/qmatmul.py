@@ -61,8 +61,14 @@ class QMatmulConfig:
     max_stages: int = 8  # SMEM ring depth (fewer where the budget asks)
     num_ctas: int | None = None  # CTAs of the stream-K split (all M tiles together); None: the device's SMs
     a_from_smem: bool = False  # dequantized tile via SMEM (forced under interpret; see module doc)
+    # Diagnostics only (benchmarks/qmatmul_probe.py; the result is wrong): "memory" streams the tiles through the
+    # ring but computes nothing; "convert" also loads and dequantizes them, summing them in registers instead of
+    # issuing the per-step wgmmas (one wgmma at the end of each segment keeps the work alive).
+    probe: str | None = None
 
     def __post_init__(self):
+        if self.probe not in (None, "memory", "convert"):
+            raise ValueError(f"{self.probe=} must be None, 'memory' or 'convert'")
         if self.max_stages < 2:
             raise ValueError(f"{self.max_stages=} must be >= 2")
         if self.num_ctas is not None and self.num_ctas < 1:
@@ -170,7 +176,7 @@ def _registers(wgs: int) -> tuple[int, int]:
 
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, loaded, consumed, *,
-            int4: bool, plan: Plan, a_from_smem: bool):
+            int4: bool, plan: Plan, a_from_smem: bool, probe: str | None = None):
     """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
     x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4; s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
@@ -235,7 +241,27 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
                     release(slot)
                     return carry
 
-                lax.fori_loop(lo, hi, step, 0)
+                def memory_step(i, carry):  # probe="memory"
+                    slot = lax.rem(i - start, stages)
+                    plgpu.barrier_wait(loaded.at[slot])
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return carry
+
+                def convert_step(i, carry):  # probe="convert"
+                    slot = lax.rem(i - start, stages)
+                    ws = load_tiles(slot)
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return functools.reduce(lambda a, b: a + b, ws, carry)
+
+                if probe == "memory":
+                    lax.fori_loop(lo, hi, memory_step, 0)
+                elif probe == "convert":
+                    zero = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, SUB_K), jnp.bfloat16), plgpu.Layout.WGMMA)
+                    total = lax.fori_loop(lo, hi, convert_step, zero)
+                    mma(lax.rem(lo - start, stages), [total] * (k_sub * row_tiles))
+                    plgpu.wgmma_wait(0)
+                else:
+                    lax.fori_loop(lo, hi, step, 0)
                 return [a[...] for a in acc_refs]
 
             accs = pl.run_scoped(accumulate, *[plgpu.ACC((ROWS_PER_WG, bm), jnp.float32)] * row_tiles)
@@ -328,7 +354,7 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
         plgpu.Barrier(num_arrivals=k_sub * (3 if int4 else 2), num_barriers=stages),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
     )
-    kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem)
+    kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem, probe=config.probe)
     partials = plgpu.kernel(
         lambda x_ref, w_ref, *rest: (kernel(x_ref, w_ref, *rest) if int4 else kernel(x_ref, w_ref, None, *rest)),
         out_type=jax.ShapeDtypeStruct((plan.slots, n, mp), f32),
