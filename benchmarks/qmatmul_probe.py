@@ -5,7 +5,9 @@ the Pallas kernel, the epilogue that sums the stream-K partials), summed over en
 L2 holds none, under three variants of the Pallas kernel:
 - `full`: the kernel as shipped;
 - `memory` (QMatmulConfig(probe="memory")): the same ring of TMA copies, no compute: what the pipeline streams;
-- `convert` (probe="convert"): load and dequantize every tile, but no per-step wgmma.
+- `convert` (probe="convert"): load and dequantize every tile, but no per-step wgmma;
+- `*_tiled`: the weights in qmatmul.tile_weight's layout (each TMA box one contiguous run of HBM);
+- `*_k4`: 4 128-input sub-steps per pipeline stage.
 `full - convert` is then the wgmma's share, `convert - memory` the dequantization's, and `memory` against the copy
 limit (measured in the same process) the pipeline's own loss.
 
@@ -32,7 +34,10 @@ from nemodiff_jax.pallas_kernels import qmatmul as qm
 sys.path.insert(0, str(Path(__file__).parent))
 import qmatmul_kernels as qk  # noqa: E402
 
-PROBES = [None, "convert", "memory"]
+# name -> (QMatmulConfig fields, tiled weights)
+VARIANTS = {"full": ({}, False), "convert": ({"probe": "convert"}, False), "memory": ({"probe": "memory"}, False),
+            "memory_tiled": ({"probe": "memory"}, True), "full_tiled": ({}, True),
+            "full_k4": ({"k_sub": 4}, False), "full_tiled_k4": ({"k_sub": 4}, True)}
 
 
 def kernels_per_call(fn, copies, *args):
@@ -61,36 +66,42 @@ def main():
         ws = qk.weights(k, n, copies, 0)
         for fmt in quant.FORMATS:
             qs = qk.quantized(ws, fmt)
+            tiled = [jax.jit(qm.tile_weight)(q.q) for q in qs]
             nbytes = qs[0].nbytes
             for m in a.ms:
                 x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
                 row = {"shape": name, "fmt": fmt, "M": m, "bytes": nbytes,
                        "copy_limit_us": nbytes / gbps / 1e3}
-                for probe in PROBES:
-                    cfg = qm.QMatmulConfig(probe=probe)
-                    fn = jax.jit(lambda x, qs, cfg=cfg: sum(qm.qmatmul_pallas(x, q.q, q.scale, config=cfg)
-                                                           for q in qs))
+                for variant, (fields, tile) in VARIANTS.items():
+                    cfg = qm.QMatmulConfig(**fields)
+                    fn = jax.jit(lambda x, ws, ss, cfg=cfg: sum(qm.qmatmul_pallas(x, w, s, config=cfg)
+                                                               for w, s in zip(ws, ss)))
                     try:
-                        per = kernels_per_call(fn, copies, x, qs)
+                        per = kernels_per_call(fn, copies, x, tiled if tile else [q.q for q in qs],
+                                               [q.scale for q in qs])
                         mosaic = {kn: us for kn, us in per.items() if "mosaic" in kn.lower() or "pallas" in kn.lower()
                                   or "qmatmul" in kn.lower()}
                         kernel_us = sum(mosaic.values()) if mosaic else max(per.values())
-                        row[str(probe or "full")] = {"kernel_us": kernel_us, "all_us": sum(per.values()),
-                                                     "per_kernel": per}
+                        row[variant] = {"kernel_us": kernel_us, "all_us": sum(per.values()), "per_kernel": per}
+                        if variant.startswith("full"):
+                            got = fn(x, tiled[:1] if tile else [qs[0].q], [qs[0].scale]).astype(jnp.float32)
+                            want = qm.qmatmul_reference(x, qs[0].q, qs[0].scale, out_dtype=jnp.float32)
+                            row[variant]["rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
                     except Exception as e:  # noqa: BLE001 - record and go on
-                        row[str(probe or "full")] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                        row[variant] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 if a.out:
                     Path(a.out).write_text(json.dumps(out, indent=1))
-        del ws, qs
-    print("\n| matmul | fmt | M | copy-limit us | memory us | convert us | full us | all kernels us (full) |")
-    print("|---|---|---|---|---|---|---|---|")
+        del ws, qs, tiled
+    print("\nkernel us per call (Pallas kernel only; all = every kernel of the call, full variant)")
+    print("| matmul | fmt | M | copy limit | " + " | ".join(VARIANTS) + " | all |")
+    print("|---|---|---|---|" + "---|" * (len(VARIANTS) + 1))
     for r in out["rows"]:
         cell = lambda v: f"{r[v]['kernel_us']:.1f}" if "kernel_us" in r.get(v, {}) else "err"
         full_all = f"{r['full']['all_us']:.1f}" if "all_us" in r["full"] else "err"
-        print(f"| {r['shape']} | {r['fmt']} | {r['M']} | {r['copy_limit_us']:.1f} | {cell('memory')} | "
-              f"{cell('convert')} | {cell('full')} | {full_all} |")
+        print(f"| {r['shape']} | {r['fmt']} | {r['M']} | {r['copy_limit_us']:.1f} | "
+              + " | ".join(cell(v) for v in VARIANTS) + f" | {full_all} |")
 
 
 if __name__ == "__main__":

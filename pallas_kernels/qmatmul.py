@@ -176,10 +176,10 @@ def _registers(wgs: int) -> tuple[int, int]:
 
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, loaded, consumed, *,
-            int4: bool, plan: Plan, a_from_smem: bool, probe: str | None = None):
+            int4: bool, plan: Plan, a_from_smem: bool, probe: str | None = None, tiled: bool = False):
     """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
-    x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4; s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
+    x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4 (or tiled [N/128, K/128, 128, 128]); s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
     smem (C stages, J = k_sub, R = row_tiles): x [C, J, bm, 128], w [C, J, BN, 128], s [C, J, BN] (int4),
     o [W, R, 64, bm] f32, a [W, 64, 128] (a_from_smem)
     barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (W arrivals)
@@ -287,7 +287,8 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
             for j in range(k_sub):
                 group = kk * k_sub + j
                 ks = pl.ds(group * SUB_K, SUB_K)
-                plgpu.copy_gmem_to_smem(w_ref.at[ns, ks], w_smem.at[slot, j], loaded.at[slot])
+                src = w_ref.at[t, group] if tiled else w_ref.at[ns, ks]
+                plgpu.copy_gmem_to_smem(src, w_smem.at[slot, j], loaded.at[slot])
                 plgpu.copy_gmem_to_smem(x_ref.at[cols, ks], x_smem.at[slot, j], loaded.at[slot])
                 if int4:
                     plgpu.copy_gmem_to_smem(s_ref.at[group, ns], s_smem.at[slot, j], loaded.at[slot])
@@ -307,10 +308,39 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
             plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
 
 
+TILE = (BLOCK_N, SUB_K)  # a tiled weight's [N/128, K/128, 128, 128] blocks
+
+
+def tile_weight(q: jax.Array) -> jax.Array:
+    """q [N, K] -> [N/128, K/128, 128, 128]: each 128 x 128 block contiguous, so each TMA box of the kernel reads
+    one contiguous 16 KB (int8) / 8 KB (int4) run of HBM instead of 128 rows of 128 / 64 bytes."""
+    n, k = q.shape
+    if n % TILE[0] or k % TILE[1]:
+        raise ValueError(f"q {q.shape}: N and K must be multiples of {TILE}")
+    return q.reshape(n // TILE[0], TILE[0], k // TILE[1], TILE[1]).transpose(0, 2, 1, 3)
+
+
+def untile_weight(qt: jax.Array) -> jax.Array:
+    """The inverse of tile_weight."""
+    nt, kt, bn, bk = qt.shape
+    return qt.transpose(0, 2, 1, 3).reshape(nt * bn, kt * bk)
+
+
+def weight_shape(q) -> tuple[int, int]:
+    """(N, K) of a plain [N, K] or a tiled [N/128, K/128, 128, 128] weight."""
+    if q.ndim == 4:
+        if tuple(q.shape[2:]) != TILE:
+            raise ValueError(f"a tiled weight must be [N/128, K/128, 128, 128], got {q.shape}")
+        return q.shape[0] * TILE[0], q.shape[1] * TILE[1]
+    if q.ndim != 2:
+        raise ValueError(f"q must be [N, K] or tiled [N/128, K/128, 128, 128], got {q.shape}")
+    return tuple(q.shape)
+
+
 def check_inputs(x, q, scale, interpret: bool = False) -> str:
     """The format ("int8" | "int4") of valid inputs, or a ValueError naming the problem."""
     m, k = x.shape
-    n, k2 = q.shape
+    n, k2 = weight_shape(q)
     fmt = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.int4): "int4"}.get(jnp.dtype(q.dtype))
     if fmt is None:
         raise ValueError(f"q must be int8 or int4, got {q.dtype}")
@@ -337,12 +367,17 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
     fmt = check_inputs(x, q, scale, bool(interpret))
     int4 = fmt == "int4"
     m, k = x.shape
-    n = q.shape[0]
+    n = weight_shape(q)[0]
+    tiled = q.ndim == 4
+    if tiled:  # the layout fixes the tile: 2 warpgroups x 1 row tile
+        config = dataclasses.replace(config, compute_wgs=2, row_tiles=1)
     a_from_smem = config.a_from_smem or bool(interpret)
     plan = make_plan(m, n, k, fmt, config, DEFAULT_NUM_SMS if interpret else num_sms(), a_from_smem)
     bm, stages, wgs, k_sub, block_n = plan.block_m, plan.stages, plan.compute_wgs, plan.k_sub, plan.block_n
     mp = plan.m_tiles * bm
-    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    # The compiled kernel reads x's rows past M as zeros (TMA fills out-of-bounds boxes), so it takes x as it is:
+    # a pad would be one more kernel per call (~2 us each, 171 per 8B forward). The interpreter slices in bounds.
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m and interpret else x
     f32, bf16 = jnp.float32, jnp.bfloat16
     scratch = (
         plgpu.SMEM((stages, k_sub, bm, SUB_K), x.dtype, transforms=_transforms(SUB_K, x.dtype)),
@@ -354,7 +389,8 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
         plgpu.Barrier(num_arrivals=k_sub * (3 if int4 else 2), num_barriers=stages),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
     )
-    kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem, probe=config.probe)
+    kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem, probe=config.probe,
+                               tiled=tiled)
     partials = plgpu.kernel(
         lambda x_ref, w_ref, *rest: (kernel(x_ref, w_ref, *rest) if int4 else kernel(x_ref, w_ref, None, *rest)),
         out_type=jax.ShapeDtypeStruct((plan.slots, n, mp), f32),
