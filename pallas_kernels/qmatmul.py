@@ -375,9 +375,11 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
     plan = make_plan(m, n, k, fmt, config, DEFAULT_NUM_SMS if interpret else num_sms(), a_from_smem)
     bm, stages, wgs, k_sub, block_n = plan.block_m, plan.stages, plan.compute_wgs, plan.k_sub, plan.block_n
     mp = plan.m_tiles * bm
-    # The compiled kernel reads x's rows past M as zeros (TMA fills out-of-bounds boxes), so it takes x as it is:
-    # a pad would be one more kernel per call (~2 us each, 171 per 8B forward). The interpreter slices in bounds.
-    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m and interpret else x
+    # The compiled kernel reads x's rows past M as zeros (TMA fills out-of-bounds boxes), so it takes x as it is
+    # where TMA's 8-row tiling allows (M < 8 or a multiple of 8: every AR step at batch <= 8 and every chunk
+    # shape): a pad is one more kernel per call (~2 us; 137 per 8B forward). The interpreter slices in bounds.
+    rows = mp if interpret else m if m < 8 else -(-m // 8) * 8
+    xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
     f32, bf16 = jnp.float32, jnp.bfloat16
     scratch = (
         plgpu.SMEM((stages, k_sub, bm, SUB_K), x.dtype, transforms=_transforms(SUB_K, x.dtype)),

@@ -65,6 +65,22 @@ def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas, tiling):
     assert _rel(got, quant.matmul_reference(x, qw, jnp.float32)) < 1e-5, plan
 
 
+@pytest.mark.parametrize("fmt, m, k_sub", [("int8", 3, 2), ("int4", 1, 2), ("int4", 17, 1), ("int8", 8, 4)])
+def test_tiled_weights_match_reference_under_interpreter(fmt, m, k_sub):
+    """The same kernel reading qm.tile_weight's layout ([N/128, K/128, 128, 128], each block contiguous)."""
+    x, qw = _inputs(fmt, m, 384, 512)
+    qt = qm.tile_weight(qw.q)
+    assert qt.shape == (3, 4, 128, 128)
+    np.testing.assert_array_equal(np.asarray(qm.untile_weight(qt), np.int8), np.asarray(qw.q, np.int8))
+    np.testing.assert_array_equal(np.asarray(qt[1, 2], np.int8), np.asarray(qw.q[128:256, 256:384], np.int8))
+    config = qm.QMatmulConfig(k_sub=k_sub, num_ctas=5, max_stages=3)
+    got = qm.qmatmul_pallas(x, qt, qw.scale, out_dtype=jnp.float32, config=config,
+                            interpret=plgpu.InterpretGPUParams(detect_races=True))
+    assert _rel(got, qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)) < 1e-5
+    with pytest.raises(ValueError, match="tiled"):
+        qm.qmatmul_pallas(x, qt.reshape(3, 4, 64, 256), qw.scale, interpret=True)
+
+
 def test_stream_k_schedule_covers_every_step_once():
     for n_tiles, k_iters, ctas in [(48, 32, 132), (32, 112, 132), (1024, 32, 132), (3, 3, 5), (6, 1, 2), (1, 4, 4)]:
         total = n_tiles * k_iters
@@ -116,13 +132,15 @@ def test_path_table():
         quant.matmul(jnp.ones((1, 256), jnp.bfloat16), qw8, impl="triton")
 
 
-@pytest.mark.parametrize("config", [qm.QMatmulConfig(), qm.QMatmulConfig(2, 2, 2), qm.QMatmulConfig(2, 1, 1),
-                                    qm.QMatmulConfig(4, 1, 1)], ids=["default", "2x2x2", "2x1x1", "4x1x1"])
-def test_compiled_path_lowers_for_cuda(config):
+@pytest.mark.parametrize("config, tiled", [(qm.QMatmulConfig(), False), (qm.QMatmulConfig(2, 2, 2), False),
+                                           (qm.QMatmulConfig(2, 1, 1), False), (qm.QMatmulConfig(4, 1, 1), False),
+                                           (qm.QMatmulConfig(), True)],
+                         ids=["default", "2x2x2", "2x1x1", "4x1x1", "tiled"])
+def test_compiled_path_lowers_for_cuda(config, tiled):
     failures = []
     for fmt in quant.FORMATS:
         for m, n, k in [(1, 6144, 4096), (32, 4096, 14336), (100, 28672, 4096), (256, 4096, 4096)]:
-            q = jax.ShapeDtypeStruct((n, k), quant.STORAGE[fmt])
+            q = jax.ShapeDtypeStruct((n // 128, k // 128, 128, 128) if tiled else (n, k), quant.STORAGE[fmt])
             s = jax.ShapeDtypeStruct((n,) if fmt == "int8" else (k // 128, n), jnp.bfloat16)
             fn = jax.jit(functools.partial(qm.qmatmul_pallas, config=config))
             try:
@@ -146,6 +164,20 @@ def test_gpu_kernel_matches_reference(fmt, m):
         want = qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)
         assert _rel(got, want) < 1e-5, (fmt, m, k, n)
         assert quant.choose_impl(DeviceInfo.of(), jnp.bfloat16, m, qw) == "pallas"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 12, 32, 200])
+def test_gpu_tiled_weights_and_unpadded_rows(m):
+    """Tiled weights, and x rows past M read as TMA's zero fill (M = 1, 3: fewer than 8 rows, no pad; 12: padded
+    to 16; 200: the second M tile's box runs past the last row)."""
+    for fmt in quant.FORMATS:
+        for k, n in GPU_SHAPES[:2]:
+            x, qw = _inputs(fmt, m, n, k)
+            want = qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)
+            for q in (qw.q, qm.tile_weight(qw.q)):
+                got = qm.qmatmul_pallas(x, q, qw.scale, out_dtype=jnp.float32)
+                assert _rel(got, want) < 1e-5, (fmt, m, k, n, q.shape)
 
 
 @pytest.mark.gpu
