@@ -9,8 +9,12 @@ channels reads whole rows of K:
 - `int8`: `q` int8 [*out, K] in [-127, 127], one scale per output channel, `scale` bf16 [*out].
 - `int4`: `q` jnp.int4 [*out, K] in [-7, 7] (XLA packs two per byte on the GPU), one scale per group of
   `group` consecutive inputs (default 128) per output channel, `scale` bf16 [K/group, *out].
-  On disk (safetensors has no 4-bit type) `q` is uint8 [*out, K/2]: input 2i in the low nibble, 2i+1 in the
-  high one, which is exactly the bytes of the in-memory int4 array (`pack_int4` / `unpack_int4`).
+  In memory, where K is a multiple of 32 (every shape the kernel takes), K is permuted inside each block of
+  32 inputs (`permute_int4`: stored position 8j + 4c + a holds input 8a + 2j + c), the order in which the
+  Pallas kernel's threads load exactly the values they multiply (pallas_kernels/qmatmul.py); `values` and the
+  reference undo it inside their fusions. Other K (tiny test models) stay in input order.
+  On disk (safetensors has no 4-bit type) `q` is uint8 [*out, K/2] in input order: input 2i in the low
+  nibble, 2i+1 in the high one (`to_stored` / `from_stored`).
 Scales are rounded to bf16 before quantizing: int8 dequantizes to exactly q * scale, int4 to q * scale rounded
 once to bf16 (what its matmul multiplies by).
 
@@ -96,13 +100,33 @@ def stored_q(fmt: str, q_shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
 
 
 def to_stored(qw: QWeight) -> jax.Array:
-    """qw.q as checkpoints hold it (stored_q)."""
-    return pack_int4(qw.q) if qw.fmt == "int4" else qw.q
+    """qw.q as checkpoints hold it (stored_q): int4 in input order, packed."""
+    return pack_int4(unpermute_int4(qw.q)) if qw.fmt == "int4" else qw.q
 
 
 def from_stored(q: jax.Array, fmt: str) -> jax.Array:
-    """The inverse of to_stored: for int4 a bitcast of the same bytes."""
-    return unpack_int4(q) if fmt == "int4" else q
+    """The inverse of to_stored: for int4 a bitcast of the same bytes, then the in-memory order."""
+    return permute_int4(unpack_int4(q)) if fmt == "int4" else q
+
+
+INT4_BLOCK = 32  # permute_int4 reorders K inside blocks of this many inputs
+
+
+def permute_int4(q: jax.Array) -> jax.Array:
+    """[..., K] in input order -> int4's in-memory order: stored position 8j + 4c + a (j, a < 4; c < 2) of each
+    block of 32 holds input 8a + 2j + c. The identity where K is not a multiple of 32."""
+    *lead, k = q.shape
+    if k % INT4_BLOCK:
+        return q
+    return q.reshape(*lead, k // INT4_BLOCK, 4, 4, 2).swapaxes(-3, -2).swapaxes(-2, -1).reshape(*lead, k)
+
+
+def unpermute_int4(p: jax.Array) -> jax.Array:
+    """The inverse of permute_int4: in-memory order -> input order."""
+    *lead, k = p.shape
+    if k % INT4_BLOCK:
+        return p
+    return p.reshape(*lead, k // INT4_BLOCK, 4, 2, 4).swapaxes(-2, -1).swapaxes(-3, -2).reshape(*lead, k)
 
 
 def pack_int4(v: jax.Array) -> jax.Array:
@@ -144,7 +168,7 @@ def quantize(w: jax.Array, fmt: str, in_dims: int = 1, group: int = DEFAULT_GROU
     g = wt.reshape(n, k // group, group)
     scale = _scale(jnp.max(jnp.abs(g), axis=2), qmax)  # [N, K/group]
     q = jnp.clip(jnp.round(g / _safe(scale).astype(jnp.float32)[..., None]), -qmax, qmax).astype(jnp.int4)
-    return QWeight(q.reshape(*out, k), scale.T.reshape(k // group, *out), fmt, shape, in_dims, group)
+    return QWeight(permute_int4(q.reshape(*out, k)), scale.T.reshape(k // group, *out), fmt, shape, in_dims, group)
 
 
 def _scale(amax: jax.Array, qmax: int) -> jax.Array:
@@ -157,8 +181,8 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 
 def values(qw: QWeight) -> jax.Array:
-    """The integer values as int8 [*out, K]."""
-    return qw.q.astype(jnp.int8)
+    """The integer values as int8 [*out, K], in input order."""
+    return unpermute_int4(qw.q).astype(jnp.int8) if qw.fmt == "int4" else qw.q
 
 
 def scaled_values(qw: QWeight, dtype) -> jax.Array:
@@ -167,7 +191,7 @@ def scaled_values(qw: QWeight, dtype) -> jax.Array:
     if qw.fmt == "int8":
         return qw.q.astype(dtype)
     k = qw.q.shape[-1]
-    v = qw.q.astype(jnp.float32).reshape(*qw.q.shape[:-1], k // qw.group, qw.group)
+    v = unpermute_int4(qw.q).astype(jnp.float32).reshape(*qw.q.shape[:-1], k // qw.group, qw.group)
     s = jnp.moveaxis(qw.scale.astype(jnp.float32), 0, -1)[..., None]  # [*out, K/group, 1]
     return (v * s).astype(jnp.bfloat16).astype(dtype).reshape(qw.q.shape)
 

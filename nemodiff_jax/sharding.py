@@ -8,6 +8,7 @@ Attention is local per device because whole heads are sharded.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -125,9 +126,13 @@ def sharded_qmatmul(x: jax.Array, qw: quant.QWeight, axes: tuple, impl: ShardedM
     q_spec += (None,) * (qw.q.ndim - len(q_spec))
     s_spec += (None,) * (qw.scale.ndim - len(s_spec))
     k_axis = q_spec[-1]
-    if qw.fmt == "int4" and s_spec[0] != k_axis:  # groups not split like the inputs: let the partitioner do it
-        return quant.matmul_reference(x, qw, out_dtype)
     k = qw.kn[0]
+    splits = math.prod(mesh.shape[a] for a in (k_axis if isinstance(k_axis, tuple) else (k_axis,)) if a)
+    permuted = [kk % quant.INT4_BLOCK == 0 for kk in (k, k // splits)]
+    if qw.fmt == "int4" and (s_spec[0] != k_axis or permuted[0] != permuted[1]):
+        # groups not split like the inputs, or a shard's K would read int4's memory order differently from the
+        # whole K (quant.permute_int4): let the partitioner do it
+        return quant.matmul_reference(x, qw, out_dtype)
     lead = x.shape[:x.ndim - qw.in_dims]
     xf = x.reshape(*lead, k)
     rows = "data" if lead and lead[0] % mesh.shape["data"] == 0 else None

@@ -3,15 +3,18 @@
 Semantics (nemodiff_jax/quant.py, `qmatmul_reference` here): x [M, K] bf16 against q [N, K] (int8 with a
 per-channel scale [N], or int4 with group-128 scales [K/128, N]) -> [M, N], f32 accumulation:
     int8: (x @ q^T) * scale          int4: x @ bf16(q * scale)^T
+int4 q arrives with K permuted inside blocks of 32 (`permute_int4`, the order quant.py keeps int4 weights in
+memory), and either format may come tiled (`tile_weight`: 128 x 128 blocks contiguous).
 
 Kernel design
 - Swap AB: the weight is wgmma's A operand and x^T its B, so the output channels fill wgmma's M (64 per
   compute warpgroup, 2 warpgroups = 128 channels per tile) and the few rows of x its N (8..128, a multiple of 8;
   M > 128 takes several balanced M tiles). One weight tile [128, 128] per step goes GMEM -> SMEM by TMA, then each
-  warpgroup loads its 64 rows into registers in the upcast layout, converts them to bf16 (Mosaic GPU's
-  prmt/lop3 sequences, not per-element cvt), multiplies int4 tiles by their group's scales (one bf16 per
-  row: a 128-input step is one group), and issues wgmma with A from registers and B = the x tile in SMEM
-  transposed. The int8 scale is applied once per channel after the sum (the epilogue), as quant.py defines.
+  warpgroup loads its 64 rows into registers in the upcast layout, converts them to bf16 (int8: Mosaic
+  GPU's prmt/and/sub sequence and one shuffle into the WGMMA layout; int4: `_dequant_int4`, whose stored order
+  makes the loaded registers the WGMMA operand's as they are: lop3 + sub.bf16x2, then the group scale in a
+  mul.bf16x2, one bf16 per row as a 128-input step is one group), and issues wgmma with A from registers and
+  B = the x tile in SMEM transposed. The int8 scale is applied once per channel after the sum (the epilogue), as quant.py defines.
 - Stream-K over (N tile, K step): the n_tiles x k_iters steps are split evenly over `ctas` CTAs (one per SM),
   each taking a contiguous range, so every SM streams the same number of weight bytes whatever N and K are
   (no wave quantization at one row, where 8B's o_proj has only 32 tiles for 132 SMs). A CTA flushes an f32
@@ -37,8 +40,13 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm
+from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from nemodiff_jax.pallas_kernels.copy import DEFAULT_NUM_SMS, num_sms
+from nemodiff_jax.quant import permute_int4, unpermute_int4  # noqa: F401 - the int4 order this kernel reads
 
 ROWS_PER_WG = 64  # wgmma M: output channels per row tile
 SUB_K = 128  # inputs per wgmma chain (= the int4 group); a pipeline stage holds `k_sub` of them
@@ -176,7 +184,8 @@ def _registers(wgs: int) -> tuple[int, int]:
 
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, loaded, consumed, *,
-            int4: bool, plan: Plan, a_from_smem: bool, probe: str | None = None, tiled: bool = False):
+            int4: bool, plan: Plan, a_from_smem: bool, probe: str | None = None, tiled: bool = False,
+            interpreted: bool = False):
     """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
     x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4 (or tiled [N/128, K/128, 128, 128]); s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
@@ -212,10 +221,15 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
                         for rows in tiles:
                             upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
                             w = plgpu.load(w_smem.at[slot, j, rows], layout=upcast)
-                            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
                             if int4:
                                 s = plgpu.load(s_smem.at[slot, j, rows], layout=plgpu.Layout.WGMMA.reduce(1))
-                                w = w * lax.broadcast_in_dim(s, w.shape, [0])
+                                if interpreted:  # plain arrays there: undo the stored order with jnp
+                                    w = unpermute_int4(w).astype(jnp.bfloat16)
+                                    w = w * lax.broadcast_in_dim(s, w.shape, [0])
+                                else:
+                                    w = _dequant_int4(w, s)
+                            else:
+                                w = plgpu.layout_cast(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
                             ws.append(w)
                     return ws
 
@@ -310,6 +324,43 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
 
 TILE = (BLOCK_N, SUB_K)  # a tiled weight's [N/128, K/128, 128, 128] blocks
 
+def _dequant_int4(w, s):
+    """w: int4 [64, 128] loaded in WGMMA_UPCAST_4X from quant.permute_int4's order; s: bf16 [64] (WGMMA row
+    layout) -> bf16(q * s) [64, 128] in the WGMMA layout: wgmma's register operand, with no data movement
+    between threads. In that order, stored position 8j + 4c + a of each 32 inputs holds input 8a + 2j + c: the
+    32 bits thread j of a row loads in the upcast layout are the 8 inputs it holds in the WGMMA layout (2j, 2j+1
+    of every 8), and nibbles a and a + 4 of the word are one bf16 pair. Per word, for a = 0..3: shift by 4a,
+    lop3 (the two nibbles | 0x4300, sign bit flipped: 136 + q in each bf16 half), sub.bf16x2 136 (exact),
+    mul.bf16x2 by the scale (one rounding, as quant.py's bf16(q * scale)): no warp shuffles."""
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA.reduce(1)),
+                       return_type=plgpu.ShapeDtypeStruct((ROWS_PER_WG, SUB_K), jnp.bfloat16, plgpu.Layout.WGMMA))
+    def body(_, w, s):
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        pair = ir.VectorType.get((2,), ir.BF16Type.get())
+        regs = np.empty(mgpu_fa.WGMMA_LAYOUT.registers_shape((ROWS_PER_WG, SUB_K)), dtype=object)
+        for idx, reg in np.ndenumerate(w.registers):  # (0, 32-input block b, 0, 0, row half h, 0, 0, 0, 0)
+            b, h = idx[1], idx[4]
+            word = mgpu_utils.bitcast(reg, i32)
+            scale = mgpu_utils.bitcast(s.registers[0, 0, h, 0, 0], i16)
+            for a in range(4):
+                part = word if a == 0 else arith.shrui(word, arith.constant(i32, 4 * a))
+                out = llvm.inline_asm(
+                    i32, [part, scale],
+                    """{
+                    .reg .b32 v, bias, s2;
+                    lop3.b32 v, $1, 0x000F000F, 0x43084308, 0x6a;
+                    mov.b32 bias, 0x43084308;
+                    sub.bf16x2 v, v, bias;
+                    mov.b32 s2, {$2, $2};
+                    mul.rn.bf16x2 $0, v, s2;
+                    }""",
+                    "=r,r,h")
+                regs[0, 4 * b + a, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(out, pair)
+        return mgpu_fa.FragmentedArray(_registers=regs, _layout=mgpu_fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return body(w, s)
+
 
 def tile_weight(q: jax.Array) -> jax.Array:
     """q [N, K] -> [N/128, K/128, 128, 128]: each 128 x 128 block contiguous, so each TMA box of the kernel reads
@@ -392,7 +443,7 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
         plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
     )
     kernel = functools.partial(_kernel, int4=int4, plan=plan, a_from_smem=a_from_smem, probe=config.probe,
-                               tiled=tiled)
+                               tiled=tiled, interpreted=bool(interpret))
     partials = plgpu.kernel(
         lambda x_ref, w_ref, *rest: (kernel(x_ref, w_ref, *rest) if int4 else kernel(x_ref, w_ref, None, *rest)),
         out_type=jax.ShapeDtypeStruct((plan.slots, n, mp), f32),
@@ -417,11 +468,15 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
 
 
 def qmatmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jnp.bfloat16) -> jax.Array:
-    """Pure-jnp oracle, all float32 (HIGHEST precision): int8 (x @ q^T) * scale; int4 x @ bf16(q * scale)^T."""
+    """Pure-jnp oracle, all float32 (HIGHEST precision): int8 (x @ q^T) * scale; int4 x @ bf16(q * scale)^T.
+    Takes the kernel's inputs: q plain or tiled, int4 in permute_int4's stored order."""
+    q = untile_weight(q) if q.ndim == 4 else q
+    int4 = jnp.dtype(q.dtype) == jnp.dtype(jnp.int4)
+    q = unpermute_int4(q) if int4 else q
     n, k = q.shape
     xf = x.astype(jnp.float32)
     v = q.astype(jnp.float32)
-    if jnp.dtype(q.dtype) == jnp.dtype(jnp.int4):
+    if int4:
         g = k // scale.shape[0]
         w = (v.reshape(n, k // g, g) * scale.T.astype(jnp.float32)[..., None]).astype(jnp.bfloat16)
         return jnp.dot(xf, w.reshape(n, k).astype(jnp.float32).T, precision=lax.Precision.HIGHEST).astype(out_dtype)

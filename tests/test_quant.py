@@ -35,6 +35,27 @@ def test_int4_packing_is_exact():
     np.testing.assert_array_equal(jax.lax.bitcast_convert_type(u.reshape(32, 17, 2), jnp.uint8), p)
 
 
+def test_int4_memory_order():
+    """int4 weights are held with K permuted inside blocks of 32 (the kernel's load order): stored position
+    8j + 4c + a holds input 8a + 2j + c; values(), to_stored and the reference see input order."""
+    ids = jnp.arange(64).reshape(1, 64)
+    p = quant.permute_int4(ids)
+    assert all(int(p[0, 32 * b + 8 * j + 4 * c + a]) == 32 * b + 8 * a + 2 * j + c
+               for b in range(2) for j in range(4) for c in range(2) for a in range(4))
+    np.testing.assert_array_equal(quant.unpermute_int4(p), ids)
+    w = jax.random.normal(jax.random.key(3), (256, 4), jnp.float32)
+    qw = quant.quantize(w, "int4")
+    plain = np.asarray(quant.values(qw))
+    np.testing.assert_array_equal(np.asarray(qw.q, np.int8), np.asarray(quant.permute_int4(jnp.asarray(plain))))
+    assert not np.array_equal(np.asarray(qw.q, np.int8), plain)  # the order is really different
+    # on disk: input order, packed; and back
+    np.testing.assert_array_equal(quant.to_stored(qw), quant.pack_int4(jnp.asarray(plain)))
+    np.testing.assert_array_equal(np.asarray(quant.from_stored(quant.to_stored(qw), "int4"), np.int8),
+                                  np.asarray(qw.q, np.int8))
+    odd = jnp.arange(48).reshape(1, 48)  # K not a multiple of 32 (tiny models): input order
+    np.testing.assert_array_equal(quant.permute_int4(odd), odd)
+
+
 def _steps(qw: quant.QWeight) -> np.ndarray:
     """The quantization step of every element of the logical [K, N] weight, from the scale layout: int8 one
     per output channel ([*out]), int4 one per `group` consecutive inputs per channel ([K/group, *out])."""
@@ -102,6 +123,7 @@ def test_bad_inputs_name_the_problem():
         quant.quantize(w, "int4", name="o_proj")
     with pytest.raises(ValueError, match="in_dims must be in"):
         quant.quantize(w, "int8", in_dims=2)
+
 
 
 def _stated_math(x: np.ndarray, qw: quant.QWeight) -> np.ndarray:

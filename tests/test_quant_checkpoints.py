@@ -235,7 +235,7 @@ def test_saved_tensors_are_each_hf_tensor_quantized_alone(tmp_path, fmt):
             continue
         f = "int8" if stem == "diffusion_head" else fmt
         want = quant.quantize(jnp.asarray(w).T, f)  # HF [out, in] -> the logical [in, out]
-        q = quant.pack_int4(want.q) if f == "int4" else want.q
+        q = quant.pack_int4(quant.values(want)) if f == "int4" else want.q  # on disk: input order
         np.testing.assert_array_equal(saved[stem + ".qweight"], np.asarray(q), err_msg=name)
         np.testing.assert_array_equal(saved[stem + ".scales"], np.asarray(want.scale), err_msg=name)
         checked += 1
