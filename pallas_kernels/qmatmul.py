@@ -46,7 +46,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from nemodiff_jax.pallas_kernels.copy import DEFAULT_NUM_SMS, num_sms
-from nemodiff_jax.quant import permute_int4, unpermute_int4  # noqa: F401 - the int4 order this kernel reads
+from nemodiff_jax.quant import unpermute_int4  # int4 arrives in quant.permute_int4's order
 
 ROWS_PER_WG = 64  # wgmma M: output channels per row tile
 SUB_K = 128  # inputs per wgmma chain (= the int4 group); a pipeline stage holds `k_sub` of them
