@@ -19,7 +19,7 @@ from nemodiff_jax.config import Config
 from nemodiff_jax.decoding import diffusion, quadratic
 from nemodiff_jax.decoding.common import MAX_STOP_IDS, Options, State
 from nemodiff_jax.lora import ADAPTER_CONFIG, DRAFTER_DIR, LoRA, load_lora
-from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
+from nemodiff_jax.model import Transformer, abstract_model, quantize_weights, tile_quantized
 from nemodiff_jax.multimodal import Prompt
 from nemodiff_jax.quant import FORMATS as QUANT_FORMATS
 from nemodiff_jax.sampling import Sampling
@@ -542,6 +542,8 @@ def load(path: str | Path, dtype: str = "bfloat16", drafter: str | Path | bool |
                          "(convert the 16-bit checkpoint instead)")
     if quantize is not None and stored is None:
         model = quantize_weights(model, quantize)  # on the weights' devices; Generator re-shards under a mesh
+    elif stored is not None:
+        model = tile_quantized(model)  # the kernel's weight layout where it runs (a no-op elsewhere)
     gen = Generator(model, Tokenizer.from_dir(path), path, mesh=mesh, attention=attention)
     if drafter is None and (path / DRAFTER_DIR / ADAPTER_CONFIG).is_file():
         drafter = path / DRAFTER_DIR

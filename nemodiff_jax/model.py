@@ -51,6 +51,29 @@ def _quantizer(fmt: str, in_dims: int):
     return jax.jit(functools.partial(quant.quantize, fmt=fmt, in_dims=in_dims))
 
 
+def tile_quantized(model: Transformer) -> Transformer:
+    """Lays every quantized weight out in quant.tile's 128 x 128 blocks, in place, where the Pallas kernel will
+    read it (the first device is a Hopper GPU: quant.why_not); elsewhere (CPU, other GPUs: the XLA reference)
+    the weights stay in rows. Returns the model."""
+    from nemodiff_jax.attention import DeviceInfo
+
+    if quant.why_not("pallas", DeviceInfo.of(), jnp.bfloat16, 1, _probe_weight()) is not None:
+        return model
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if isinstance(w := var.get_value(), quant.QWeight) and quant.tileable(w) and not w.tiled:
+            var.set_value(_tiler(w))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_weight() -> quant.QWeight:
+    """A shape every kernel check passes, to ask the table about the device alone."""
+    return quant.abstract((quant.TILE, quant.TILE), "int8", 1)
+
+
+_tiler = jax.jit(quant.tile)
+
+
 def quantize_weights(model: Transformer, fmt: str) -> Transformer:
     """Replaces the matmul weights (QUANTIZABLE) by quant.QWeight in `fmt` ("int8" | "int4"), in place and on
     their device (one compile per shape); the embedding table and the norms stay as they are. Returns the
@@ -69,7 +92,7 @@ def quantize_weights(model: Transformer, fmt: str) -> Transformer:
             quant.check_quantizable(w.shape, f, QUANTIZABLE[name], name="/".join(map(str, path)))
             var.set_value(_quantizer(f, QUANTIZABLE[name])(w))
     model.config = model.config.replace(quantization=Quantization(fmt, HEAD_FORMAT, quant.DEFAULT_GROUP))
-    return model
+    return tile_quantized(model)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:

@@ -13,6 +13,9 @@ channels reads whole rows of K:
   32 inputs (`permute_int4`: stored position 8j + 4c + a holds input 8a + 2j + c), the order in which the
   Pallas kernel's threads load exactly the values they multiply (pallas_kernels/qmatmul.py); `values` and the
   reference undo it inside their fusions. Other K (tiny test models) stay in input order.
+  On a Hopper GPU, where the Pallas kernel reads them, both formats are then laid out in 128 x 128 blocks
+  (`tile`, `QWeight.tiled`: q [*out[:-1], out[-1]/128, K/128, 128, 128], each block one contiguous run of
+  HBM for the kernel's TMA boxes; model.tile_quantized); `rows` undoes it.
   On disk (safetensors has no 4-bit type) `q` is uint8 [*out, K/2] in input order: input 2i in the low
   nibble, 2i+1 in the high one (`to_stored` / `from_stored`).
 Scales are rounded to bf16 before quantizing: int8 dequantizes to exactly q * scale, int4 to q * scale rounded
@@ -45,6 +48,7 @@ QMAX = {"int8": 127, "int4": 7}
 DEFAULT_GROUP = 128
 IMPLS = ("auto", "xla", "pallas")
 STORAGE = {"int8": jnp.int8, "int4": jnp.int4}
+TILE = 128  # the kernel's N and K multiple (two warpgroups of 64 output channels; 128-input steps); tile()'s block
 
 
 @jax.tree_util.register_dataclass
@@ -56,6 +60,7 @@ class QWeight:
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # the weight's logical [*in, *out]
     in_dims: int = dataclasses.field(metadata=dict(static=True))  # leading axes of `shape` contracted
     group: int = dataclasses.field(default=0, metadata=dict(static=True))  # int4 group size (0: per channel)
+    tiled: bool = dataclasses.field(default=False, metadata=dict(static=True))  # q in tile()'s layout
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -74,6 +79,33 @@ class QWeight:
         """Bytes as the GPU holds them (int4 packed two per byte)."""
         bits = 4 if self.fmt == "int4" else 8
         return self.q.size * bits // 8 + self.scale.size * self.scale.dtype.itemsize
+
+
+def tileable(qw: QWeight) -> bool:
+    """Whether tile() can lay this weight out in 128 x 128 blocks (the last out dim and K multiples of 128)."""
+    k = qw.kn[0]
+    return qw.out_shape[-1] % TILE == 0 and k % TILE == 0
+
+
+def tile(qw: QWeight) -> QWeight:
+    """q [*out, K] -> [*out[:-1], out[-1]/128, K/128, 128, 128]: each 128 x 128 block of the [N, K] matrix one
+    contiguous run, so the kernel's TMA boxes read whole runs of HBM (int4 rows are only 64 bytes per 128-input
+    step otherwise; docs/PERFORMANCE.md). The out dims before the last stay as they are, so the weight shards
+    over them like the untiled one. A no-op for a tiled or untileable weight."""
+    if qw.tiled or not tileable(qw):
+        return qw
+    k = qw.kn[0]
+    *lead, n = qw.q.shape[:-1]
+    q = qw.q.reshape(*lead, n // TILE, TILE, k // TILE, TILE).swapaxes(-3, -2)
+    return dataclasses.replace(qw, q=q, tiled=True)
+
+
+def rows(q: jax.Array, tiled: bool) -> jax.Array:
+    """q as [*out, K] (the inverse of tile's layout where `tiled`)."""
+    if not tiled:
+        return q
+    *lead, nt, kt, bn, bk = q.shape
+    return q.swapaxes(-3, -2).reshape(*lead, nt * bn, kt * bk)
 
 
 def storage_shapes(fmt: str, shape: tuple[int, ...], in_dims: int, group: int = DEFAULT_GROUP) -> dict:
@@ -101,7 +133,8 @@ def stored_q(fmt: str, q_shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
 
 def to_stored(qw: QWeight) -> jax.Array:
     """qw.q as checkpoints hold it (stored_q): int4 in input order, packed."""
-    return pack_int4(unpermute_int4(qw.q)) if qw.fmt == "int4" else qw.q
+    q = rows(qw.q, qw.tiled)
+    return pack_int4(unpermute_int4(q)) if qw.fmt == "int4" else q
 
 
 def from_stored(q: jax.Array, fmt: str) -> jax.Array:
@@ -182,18 +215,20 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 def values(qw: QWeight) -> jax.Array:
     """The integer values as int8 [*out, K], in input order."""
-    return unpermute_int4(qw.q).astype(jnp.int8) if qw.fmt == "int4" else qw.q
+    q = rows(qw.q, qw.tiled)
+    return unpermute_int4(q).astype(jnp.int8) if qw.fmt == "int4" else q
 
 
 def scaled_values(qw: QWeight, dtype) -> jax.Array:
     """int4: bf16(q * scale) cast to `dtype`, [*out, K], what the int4 matmul multiplies by (q * scale exact in
     float32, rounded once). int8: the values q themselves in `dtype` (the scale comes after the sum)."""
+    q = rows(qw.q, qw.tiled)
     if qw.fmt == "int8":
-        return qw.q.astype(dtype)
-    k = qw.q.shape[-1]
-    v = unpermute_int4(qw.q).astype(jnp.float32).reshape(*qw.q.shape[:-1], k // qw.group, qw.group)
+        return q.astype(dtype)
+    k = q.shape[-1]
+    v = unpermute_int4(q).astype(jnp.float32).reshape(*q.shape[:-1], k // qw.group, qw.group)
     s = jnp.moveaxis(qw.scale.astype(jnp.float32), 0, -1)[..., None]  # [*out, K/group, 1]
-    return (v * s).astype(jnp.bfloat16).astype(dtype).reshape(qw.q.shape)
+    return (v * s).astype(jnp.bfloat16).astype(dtype).reshape(q.shape)
 
 
 def dequantize(qw: QWeight, dtype=jnp.bfloat16) -> jax.Array:
@@ -229,7 +264,6 @@ def matmul_reference(x: jax.Array, qw: QWeight, out_dtype=None) -> jax.Array:
 # ------------------------------------------------------------------------------------------ which path runs
 
 MAX_M = 256  # rows x chunk the kernel takes: decode shapes (AR at batch <= 256, 32-token chunks at batch <= 8)
-TILE = 128  # N and K must be multiples of this (two warpgroups of 64 output channels; 128-input steps)
 
 
 def why_not(path: str, device, x_dtype, m: int, qw: QWeight) -> str | None:
@@ -280,5 +314,6 @@ def matmul(x: jax.Array, qw: QWeight, out_dtype=None, impl: str = "auto", device
     from nemodiff_jax.pallas_kernels.qmatmul import qmatmul_pallas  # Mosaic GPU only when used
 
     scale = qw.scale.reshape(n) if qw.fmt == "int8" else qw.scale.reshape(k // qw.group, n)
-    y = qmatmul_pallas(x.reshape(m, k), qw.q.reshape(n, k), scale, out_dtype=out_dtype)
+    q = qw.q.reshape(n // TILE, k // TILE, TILE, TILE) if qw.tiled else qw.q.reshape(n, k)
+    y = qmatmul_pallas(x.reshape(m, k), q, scale, out_dtype=out_dtype)
     return y.reshape(*lead, *qw.out_shape)

@@ -70,11 +70,12 @@ def qweight_shardings(qw: quant.QWeight, axes: tuple, mesh: Mesh) -> quant.QWeig
     flattened K, the first input axis (a contiguous split of K = a split of that axis); the scales lie beside
     their channels: [*out] (int8), [K/group, *out] (int4: groups split with the inputs)."""
     out_axes, k_axis = tuple(axes[qw.in_dims:]), axes[0]
-    q_spec = spec_for(tuple(qw.q.shape), out_axes + (k_axis,), mesh)
+    # tiled ([*out[:-1], out[-1]/128, K/128, 128, 128]): the block indices take the last out axis and K's
+    q_spec = spec_for(tuple(qw.q.shape), out_axes + (k_axis,) + ((None, None) if qw.tiled else ()), mesh)
     s_axes = out_axes if qw.fmt == "int8" else (k_axis,) + out_axes
     s_spec = spec_for(tuple(qw.scale.shape), s_axes, mesh)
     return quant.QWeight(NamedSharding(mesh, q_spec), NamedSharding(mesh, s_spec), qw.fmt, qw.shape, qw.in_dims,
-                         qw.group)
+                         qw.group, qw.tiled)
 
 
 def cache_sharding(cfg, batch: int, mesh: Mesh | None) -> NamedSharding | None:
@@ -125,7 +126,7 @@ def sharded_qmatmul(x: jax.Array, qw: quant.QWeight, axes: tuple, impl: ShardedM
     q_spec, s_spec = tuple(specs.q.spec), tuple(specs.scale.spec)
     q_spec += (None,) * (qw.q.ndim - len(q_spec))
     s_spec += (None,) * (qw.scale.ndim - len(s_spec))
-    k_axis = q_spec[-1]
+    k_axis = q_spec[-3] if qw.tiled else q_spec[-1]
     k = qw.kn[0]
     splits = math.prod(mesh.shape[a] for a in (k_axis if isinstance(k_axis, tuple) else (k_axis,)) if a)
     permuted = [kk % quant.INT4_BLOCK == 0 for kk in (k, k // splits)]
@@ -137,10 +138,12 @@ def sharded_qmatmul(x: jax.Array, qw: quant.QWeight, axes: tuple, impl: ShardedM
     xf = x.reshape(*lead, k)
     rows = "data" if lead and lead[0] % mesh.shape["data"] == 0 else None
     x_spec = P(rows, *([None] * (len(lead) - 1)), k_axis)
-    y_spec = P(rows, *([None] * (len(lead) - 1)), *q_spec[:-1])
+    y_spec = P(rows, *([None] * (len(lead) - 1)), *(q_spec[:-3] if qw.tiled else q_spec[:-1]))
 
     def local(xl, ql, sl):
-        qwl = quant.QWeight(ql, sl, qw.fmt, (ql.shape[-1], *ql.shape[:-1]), 1, qw.group)
+        out_l, kl = ((*ql.shape[:-4], ql.shape[-4] * quant.TILE), ql.shape[-3] * quant.TILE) if qw.tiled else \
+            (ql.shape[:-1], ql.shape[-1])
+        qwl = quant.QWeight(ql, sl, qw.fmt, (kl, *out_l), 1, qw.group, qw.tiled)
         partial = k_axis is not None
         y = quant.matmul(xl, qwl, out_dtype=jnp.float32 if partial else out_dtype,
                          impl="xla" if impl.reference else "auto")

@@ -56,6 +56,24 @@ def test_int4_memory_order():
     np.testing.assert_array_equal(quant.permute_int4(odd), odd)
 
 
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_tiled_layout(fmt):
+    """quant.tile: q [*out, K] -> [*out[:-1], out[-1]/128, K/128, 128, 128], each 128 x 128 block of the [N, K]
+    matrix contiguous; values, checkpoints and the reference matmul are unchanged by it."""
+    w = jax.random.normal(jax.random.key(4), (256, 3, 384), jnp.float32)  # K 256, out (3, 384)
+    qw = quant.quantize(w, fmt)
+    t = quant.tile(qw)
+    assert t.tiled and t.q.shape == (3, 3, 2, 128, 128) and quant.tile(t) is t
+    np.testing.assert_array_equal(np.asarray(t.q[1, 2, 1], np.int8), np.asarray(qw.q[1, 256:384, 128:256], np.int8))
+    np.testing.assert_array_equal(np.asarray(quant.rows(t.q, True), np.int8), np.asarray(qw.q, np.int8))
+    np.testing.assert_array_equal(quant.values(t), quant.values(qw))
+    np.testing.assert_array_equal(quant.to_stored(t), quant.to_stored(qw))
+    x = jax.random.normal(jax.random.key(5), (2, 256), jnp.float32)
+    np.testing.assert_array_equal(quant.matmul_reference(x, t), quant.matmul_reference(x, qw))
+    odd = quant.quantize(jnp.ones((256, 96)), fmt)  # 96 outputs: not tileable, left in rows
+    assert not quant.tileable(odd) and quant.tile(odd) is odd
+
+
 def _steps(qw: quant.QWeight) -> np.ndarray:
     """The quantization step of every element of the logical [K, N] weight, from the scale layout: int8 one
     per output channel ([*out]), int4 one per `group` consecutive inputs per channel ([K/group, *out])."""

@@ -145,16 +145,29 @@ def _quantized(fmt):
     return quantize_weights(m, fmt)
 
 
+def _tiled(model):
+    """Every tileable QWeight in quant.tile's layout (what tile_quantized does on a Hopper GPU; a no-op here)."""
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if isinstance(w := var.get_value(), quant.QWeight):
+            var.set_value(quant.tile(w))
+    return model
+
+
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform (tests/conftest.py)")
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
     """On (1, 2) and (2, 2) meshes every mode gives the single-device tokens, partitioned by XLA (the CPU's
     choice) and per device in shard_map (the GPU's, with a psum for o and down); q and the scales are split over
     "model" with their channels (qkv by kv heads, gate_up by the MLP, o and down by their inputs); a quantized
-    checkpoint streams straight into those shardings."""
+    checkpoint streams straight into those shardings. Weights in the kernel's tiled layout (quant.tile) give the
+    same tokens, alone and per device, split over their block indices."""
     ref = Generator(_quantized(fmt))
     want = {m: [r.tokens for r in ref.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
             for m in MODES}
+    tiled = Generator(_tiled(_quantized(fmt)))
+    assert tiled.model.layers[0].mlp.gate_up_proj.get_value().tiled
+    for m in MODES:
+        assert [r.tokens for r in tiled.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])] == want[m]
     save_hf(ref.model, tmp_path / "q")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / name, tmp_path / "q" / name)
@@ -162,6 +175,15 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
         mesh = make_mesh(*shape)
         per_device = _quantized(fmt)  # shard_map with the reference per device: the kernel path's partitioning
         per_device.matmul_impl = ShardedMatmul(mesh, reference=True)
+        if shape == (2, 2):  # tiled weights per device (the kernel's layout and partitioning)
+            tiled = _tiled(_quantized(fmt))
+            tiled.matmul_impl = ShardedMatmul(mesh, reference=True)
+            tiled = Generator(tiled, mesh=mesh)
+            assert tiled.model.layers[0].mlp.gate_up_proj.get_value().q.sharding.spec == jax.sharding.PartitionSpec(
+                None, "model", None, None, None)  # [2, F/128, D/128, 128, 128]
+            for m in MODES:
+                got = [r.tokens for r in tiled.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
+                assert got == want[m], ("tiled", fmt, shape, m)
         for g in (Generator(_quantized(fmt), mesh=mesh), Generator(per_device, mesh=mesh),
                   nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=mesh)):
             for m in MODES:
@@ -240,6 +262,27 @@ def test_saved_tensors_are_each_hf_tensor_quantized_alone(tmp_path, fmt):
         np.testing.assert_array_equal(saved[stem + ".scales"], np.asarray(want.scale), err_msg=name)
         checked += 1
     assert checked == 7 * CFG.num_layers + 1  # q, k, v, o, gate, up, down per layer, and the head
+
+
+def test_weights_are_tiled_where_the_kernel_reads_them(monkeypatch):
+    """quantize_weights lays the weights out for the kernel (quant.tile) on a Hopper GPU only: here, on the
+    CPU, they stay in rows; with the device described as an H200, every tileable one is tiled (qkv's 64-wide
+    heads are not) and tiling again changes nothing."""
+    from nemodiff_jax import attention
+    from nemodiff_jax.model import tile_quantized
+
+    m = _quantized("int4")
+    assert not any(v.tiled for v in jax.tree.leaves(nnx.state(m), is_leaf=lambda x: isinstance(x, quant.QWeight))
+                   if isinstance(v, quant.QWeight))
+    monkeypatch.setattr(attention.DeviceInfo, "of", classmethod(lambda cls, d=None: attention.DeviceInfo(
+        "cuda", "NVIDIA H200", (9, 0))))
+    tile_quantized(m)
+    layer = m.layers[0]
+    assert layer.mlp.gate_up_proj.get_value().tiled and layer.mlp.down_proj.get_value().tiled
+    assert layer.self_attn.o_proj.get_value().tiled and m.diffusion_head.get_value().tiled
+    assert not layer.self_attn.qkv_proj.get_value().tiled  # head_dim 64: not a multiple of 128
+    before = layer.mlp.down_proj.get_value().q
+    assert tile_quantized(m).layers[0].mlp.down_proj.get_value().q is before
 
 
 def test_requantizing_to_another_format_is_an_error():
