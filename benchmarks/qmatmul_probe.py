@@ -6,7 +6,7 @@ L2 holds none, under three variants of the Pallas kernel:
 - `full`: the kernel as shipped;
 - `memory` (QMatmulConfig(probe="memory")): the same ring of TMA copies, no compute: what the pipeline streams;
 - `convert` (probe="convert"): load and dequantize every tile, but no per-step wgmma;
-- `*_tiled`: the weights in qmatmul.tile_weight's layout (each TMA box one contiguous run of HBM);
+- `*_tiled`: the weights in quant.tile_q's layout (each TMA box one contiguous run of HBM);
 - `*_k4`: 4 128-input sub-steps per pipeline stage.
 `full - convert` is then the wgmma's share, `convert - memory` the dequantization's, and `memory` against the copy
 limit (measured in the same process) the pipeline's own loss.
@@ -66,7 +66,7 @@ def main():
         ws = qk.weights(k, n, copies, 0)
         for fmt in quant.FORMATS:
             qs = qk.quantized(ws, fmt)
-            tiled = [jax.jit(qm.tile_weight)(q.q) for q in qs]
+            tiled = [jax.jit(quant.tile_q)(q.q) for q in qs]
             nbytes = qs[0].nbytes
             for m in a.ms:
                 x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)

@@ -94,14 +94,20 @@ def tile(qw: QWeight) -> QWeight:
     over them like the untiled one. A no-op for a tiled or untileable weight."""
     if qw.tiled or not tileable(qw):
         return qw
-    k = qw.kn[0]
-    *lead, n = qw.q.shape[:-1]
-    q = qw.q.reshape(*lead, n // TILE, TILE, k // TILE, TILE).swapaxes(-3, -2)
-    return dataclasses.replace(qw, q=q, tiled=True)
+    return dataclasses.replace(qw, q=tile_q(qw.q), tiled=True)
 
 
-def rows(q: jax.Array, tiled: bool) -> jax.Array:
-    """q as [*out, K] (the inverse of tile's layout where `tiled`)."""
+def tile_q(q: jax.Array) -> jax.Array:
+    """[..., N, K] -> [..., N/128, K/128, 128, 128] (N and K multiples of 128): block (i, j) is q[..., 128i:,
+    128j:] and one contiguous run of memory."""
+    *lead, n, k = q.shape
+    if n % TILE or k % TILE:
+        raise ValueError(f"q {tuple(q.shape)}: its last two dims must be multiples of {TILE} to tile")
+    return q.reshape(*lead, n // TILE, TILE, k // TILE, TILE).swapaxes(-3, -2)
+
+
+def rows(q: jax.Array, tiled: bool = True) -> jax.Array:
+    """q as [..., N, K]: the inverse of tile_q where `tiled`."""
     if not tiled:
         return q
     *lead, nt, kt, bn, bk = q.shape

@@ -3,8 +3,8 @@
 Semantics (nemodiff_jax/quant.py, `qmatmul_reference` here): x [M, K] bf16 against q [N, K] (int8 with a
 per-channel scale [N], or int4 with group-128 scales [K/128, N]) -> [M, N], f32 accumulation:
     int8: (x @ q^T) * scale          int4: x @ bf16(q * scale)^T
-int4 q arrives with K permuted inside blocks of 32 (`permute_int4`, the order quant.py keeps int4 weights in
-memory), and either format may come tiled (`tile_weight`: 128 x 128 blocks contiguous).
+int4 q arrives with K permuted inside blocks of 32 (quant.permute_int4, the order quant.py keeps int4 weights in
+memory), and either format may come tiled (quant.tile_q: [N/128, K/128, 128, 128], each block contiguous).
 
 Kernel design
 - Swap AB: the weight is wgmma's A operand and x^T its B, so the output channels fill wgmma's M (64 per
@@ -14,7 +14,8 @@ Kernel design
   GPU's prmt/and/sub sequence and one shuffle into the WGMMA layout; int4: `_dequant_int4`, whose stored order
   makes the loaded registers the WGMMA operand's as they are: lop3 + sub.bf16x2, then the group scale in a
   mul.bf16x2, one bf16 per row as a 128-input step is one group), and issues wgmma with A from registers and
-  B = the x tile in SMEM transposed. The int8 scale is applied once per channel after the sum (the epilogue), as quant.py defines.
+  B = the x tile in SMEM transposed. The int8 scale is applied once per channel after the sum (the epilogue),
+  as quant.py defines.
 - Stream-K over (N tile, K step): the n_tiles x k_iters steps are split evenly over `ctas` CTAs (one per SM),
   each taking a contiguous range, so every SM streams the same number of weight bytes whatever N and K are
   (no wave quantization at one row, where 8B's o_proj has only 32 tiles for 132 SMs). A CTA flushes an f32
@@ -46,7 +47,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from nemodiff_jax.pallas_kernels.copy import DEFAULT_NUM_SMS, num_sms
-from nemodiff_jax.quant import unpermute_int4  # int4 arrives in quant.permute_int4's order
+from nemodiff_jax.quant import rows as untiled, unpermute_int4  # the weight layouts quant.py keeps
 
 ROWS_PER_WG = 64  # wgmma M: output channels per row tile
 SUB_K = 128  # inputs per wgmma chain (= the int4 group); a pipeline stage holds `k_sub` of them
@@ -188,7 +189,8 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
             interpreted: bool = False):
     """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
-    x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4 (or tiled [N/128, K/128, 128, 128]); s_ref [K/128, N] bf16 (int4) or None; o_ref [S, N, Mp] f32
+    x_ref [M or Mp, K] bf16; w_ref [N, K] int8 | int4, or tiled [N/128, K/128, 128, 128]; s_ref [K/128, N] bf16
+    (int4) or None; o_ref [S, N, Mp] f32
     smem (C stages, J = k_sub, R = row_tiles): x [C, J, bm, 128], w [C, J, BN, 128], s [C, J, BN] (int4),
     o [W, R, 64, bm] f32, a [W, 64, 128] (a_from_smem)
     barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (W arrivals)
@@ -322,8 +324,6 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
             plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
 
 
-TILE = (BLOCK_N, SUB_K)  # a tiled weight's [N/128, K/128, 128, 128] blocks
-
 def _dequant_int4(w, s):
     """w: int4 [64, 128] loaded in WGMMA_UPCAST_4X from quant.permute_int4's order; s: bf16 [64] (WGMMA row
     layout) -> bf16(q * s) [64, 128] in the WGMMA layout: wgmma's register operand, with no data movement
@@ -362,27 +362,12 @@ def _dequant_int4(w, s):
     return body(w, s)
 
 
-def tile_weight(q: jax.Array) -> jax.Array:
-    """q [N, K] -> [N/128, K/128, 128, 128]: each 128 x 128 block contiguous, so each TMA box of the kernel reads
-    one contiguous 16 KB (int8) / 8 KB (int4) run of HBM instead of 128 rows of 128 / 64 bytes."""
-    n, k = q.shape
-    if n % TILE[0] or k % TILE[1]:
-        raise ValueError(f"q {q.shape}: N and K must be multiples of {TILE}")
-    return q.reshape(n // TILE[0], TILE[0], k // TILE[1], TILE[1]).transpose(0, 2, 1, 3)
-
-
-def untile_weight(qt: jax.Array) -> jax.Array:
-    """The inverse of tile_weight."""
-    nt, kt, bn, bk = qt.shape
-    return qt.transpose(0, 2, 1, 3).reshape(nt * bn, kt * bk)
-
-
 def weight_shape(q) -> tuple[int, int]:
-    """(N, K) of a plain [N, K] or a tiled [N/128, K/128, 128, 128] weight."""
+    """(N, K) of a plain [N, K] or a tiled [N/128, K/128, 128, 128] weight (quant.tile_q)."""
     if q.ndim == 4:
-        if tuple(q.shape[2:]) != TILE:
+        if tuple(q.shape[2:]) != (BLOCK_N, SUB_K):
             raise ValueError(f"a tiled weight must be [N/128, K/128, 128, 128], got {q.shape}")
-        return q.shape[0] * TILE[0], q.shape[1] * TILE[1]
+        return q.shape[0] * BLOCK_N, q.shape[1] * SUB_K
     if q.ndim != 2:
         raise ValueError(f"q must be [N, K] or tiled [N/128, K/128, 128, 128], got {q.shape}")
     return tuple(q.shape)
@@ -470,7 +455,7 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
 def qmatmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jnp.bfloat16) -> jax.Array:
     """Pure-jnp oracle, all float32 (HIGHEST precision): int8 (x @ q^T) * scale; int4 x @ bf16(q * scale)^T.
     Takes the kernel's inputs: q plain or tiled, int4 in permute_int4's stored order."""
-    q = untile_weight(q) if q.ndim == 4 else q
+    q = untiled(q, q.ndim == 4)
     int4 = jnp.dtype(q.dtype) == jnp.dtype(jnp.int4)
     q = unpermute_int4(q) if int4 else q
     n, k = q.shape

@@ -67,11 +67,11 @@ def test_kernel_matches_reference_under_interpreter(fmt, m, n, k, ctas, tiling):
 
 @pytest.mark.parametrize("fmt, m, k_sub", [("int8", 3, 2), ("int4", 1, 2), ("int4", 17, 1), ("int8", 8, 4)])
 def test_tiled_weights_match_reference_under_interpreter(fmt, m, k_sub):
-    """The same kernel reading qm.tile_weight's layout ([N/128, K/128, 128, 128], each block contiguous)."""
+    """The same kernel reading quant.tile_q's layout ([N/128, K/128, 128, 128], each block contiguous)."""
     x, qw = _inputs(fmt, m, 384, 512)
-    qt = qm.tile_weight(qw.q)
+    qt = quant.tile_q(qw.q)
     assert qt.shape == (3, 4, 128, 128)
-    np.testing.assert_array_equal(np.asarray(qm.untile_weight(qt), np.int8), np.asarray(qw.q, np.int8))
+    np.testing.assert_array_equal(np.asarray(quant.rows(qt), np.int8), np.asarray(qw.q, np.int8))
     np.testing.assert_array_equal(np.asarray(qt[1, 2], np.int8), np.asarray(qw.q[128:256, 256:384], np.int8))
     config = qm.QMatmulConfig(k_sub=k_sub, num_ctas=5, max_stages=3)
     got = qm.qmatmul_pallas(x, qt, qw.scale, out_dtype=jnp.float32, config=config,
@@ -175,7 +175,7 @@ def test_gpu_tiled_weights_and_unpadded_rows(m):
         for k, n in GPU_SHAPES[:2]:
             x, qw = _inputs(fmt, m, n, k)
             want = qm.qmatmul_reference(x, qw.q, qw.scale, out_dtype=jnp.float32)
-            for q in (qw.q, qm.tile_weight(qw.q)):
+            for q in (qw.q, quant.tile_q(qw.q)):
                 got = qm.qmatmul_pallas(x, q, qw.scale, out_dtype=jnp.float32)
                 assert _rel(got, want) < 1e-5, (fmt, m, k, n, q.shape)
 
