@@ -43,12 +43,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nemodiff_jax.pallas_kernels.qlayout import TILE, permute_int4, rows, tile_q, unpermute_int4
+
 FORMATS = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 DEFAULT_GROUP = 128
 IMPLS = ("auto", "xla", "pallas")
 STORAGE = {"int8": jnp.int8, "int4": jnp.int4}
-TILE = 128  # the kernel's N and K multiple (two warpgroups of 64 output channels; 128-input steps); tile()'s block
 
 
 @jax.tree_util.register_dataclass
@@ -97,23 +98,6 @@ def tile(qw: QWeight) -> QWeight:
     return dataclasses.replace(qw, q=tile_q(qw.q), tiled=True)
 
 
-def tile_q(q: jax.Array) -> jax.Array:
-    """[..., N, K] -> [..., N/128, K/128, 128, 128] (N and K multiples of 128): block (i, j) is q[..., 128i:,
-    128j:] and one contiguous run of memory."""
-    *lead, n, k = q.shape
-    if n % TILE or k % TILE:
-        raise ValueError(f"q {tuple(q.shape)}: its last two dims must be multiples of {TILE} to tile")
-    return q.reshape(*lead, n // TILE, TILE, k // TILE, TILE).swapaxes(-3, -2)
-
-
-def rows(q: jax.Array, tiled: bool = True) -> jax.Array:
-    """q as [..., N, K]: the inverse of tile_q where `tiled`."""
-    if not tiled:
-        return q
-    *lead, nt, kt, bn, bk = q.shape
-    return q.swapaxes(-3, -2).reshape(*lead, nt * bn, kt * bk)
-
-
 def storage_shapes(fmt: str, shape: tuple[int, ...], in_dims: int, group: int = DEFAULT_GROUP) -> dict:
     """The shapes of q and scale for a weight of logical `shape` (what a checkpoint must hold)."""
     k, out = math.prod(shape[:in_dims]), tuple(shape[in_dims:])
@@ -146,26 +130,6 @@ def to_stored(qw: QWeight) -> jax.Array:
 def from_stored(q: jax.Array, fmt: str) -> jax.Array:
     """The inverse of to_stored: for int4 a bitcast of the same bytes, then the in-memory order."""
     return permute_int4(unpack_int4(q)) if fmt == "int4" else q
-
-
-INT4_BLOCK = 32  # permute_int4 reorders K inside blocks of this many inputs
-
-
-def permute_int4(q: jax.Array) -> jax.Array:
-    """[..., K] in input order -> int4's in-memory order: stored position 8j + 4c + a (j, a < 4; c < 2) of each
-    block of 32 holds input 8a + 2j + c. The identity where K is not a multiple of 32."""
-    *lead, k = q.shape
-    if k % INT4_BLOCK:
-        return q
-    return q.reshape(*lead, k // INT4_BLOCK, 4, 4, 2).swapaxes(-3, -2).swapaxes(-2, -1).reshape(*lead, k)
-
-
-def unpermute_int4(p: jax.Array) -> jax.Array:
-    """The inverse of permute_int4: in-memory order -> input order."""
-    *lead, k = p.shape
-    if k % INT4_BLOCK:
-        return p
-    return p.reshape(*lead, k // INT4_BLOCK, 4, 2, 4).swapaxes(-2, -1).swapaxes(-3, -2).reshape(*lead, k)
 
 
 def pack_int4(v: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nemodiff_jax import quant
+from nemodiff_jax.pallas_kernels.qlayout import INT4_BLOCK
 
 RULES: dict[str, str | None] = {
     "vocab": "model",
@@ -129,7 +130,7 @@ def sharded_qmatmul(x: jax.Array, qw: quant.QWeight, axes: tuple, impl: ShardedM
     k_axis = q_spec[-3] if qw.tiled else q_spec[-1]
     k = qw.kn[0]
     splits = math.prod(mesh.shape[a] for a in (k_axis if isinstance(k_axis, tuple) else (k_axis,)) if a)
-    permuted = [kk % quant.INT4_BLOCK == 0 for kk in (k, k // splits)]
+    permuted = [kk % INT4_BLOCK == 0 for kk in (k, k // splits)]
     if qw.fmt == "int4" and (s_spec[0] != k_axis or permuted[0] != permuted[1]):
         # groups not split like the inputs, or a shard's K would read int4's memory order differently from the
         # whole K (quant.permute_int4): let the partitioner do it

@@ -3,8 +3,8 @@
 Semantics (nemodiff_jax/quant.py, `qmatmul_reference` here): x [M, K] bf16 against q [N, K] (int8 with a
 per-channel scale [N], or int4 with group-128 scales [K/128, N]) -> [M, N], f32 accumulation:
     int8: (x @ q^T) * scale          int4: x @ bf16(q * scale)^T
-int4 q arrives with K permuted inside blocks of 32 (quant.permute_int4, the order quant.py keeps int4 weights in
-memory), and either format may come tiled (quant.tile_q: [N/128, K/128, 128, 128], each block contiguous).
+int4 q arrives with K permuted inside blocks of 32 (qlayout.permute_int4, the order quant.py keeps int4 weights
+in memory), and either format may come tiled (qlayout.tile_q: [N/128, K/128, 128, 128], each block contiguous).
 
 Kernel design
 - Swap AB: the weight is wgmma's A operand and x^T its B, so the output channels fill wgmma's M (64 per
@@ -47,7 +47,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from nemodiff_jax.pallas_kernels.copy import DEFAULT_NUM_SMS, num_sms
-from nemodiff_jax.quant import rows as untiled, unpermute_int4  # the weight layouts quant.py keeps
+from nemodiff_jax.pallas_kernels.qlayout import rows as untiled, unpermute_int4
 
 ROWS_PER_WG = 64  # wgmma M: output channels per row tile
 SUB_K = 128  # inputs per wgmma chain (= the int4 group); a pipeline stage holds `k_sub` of them
@@ -363,7 +363,7 @@ def _dequant_int4(w, s):
 
 
 def weight_shape(q) -> tuple[int, int]:
-    """(N, K) of a plain [N, K] or a tiled [N/128, K/128, 128, 128] weight (quant.tile_q)."""
+    """(N, K) of a plain [N, K] or a tiled [N/128, K/128, 128, 128] weight (qlayout.tile_q)."""
     if q.ndim == 4:
         if tuple(q.shape[2:]) != (BLOCK_N, SUB_K):
             raise ValueError(f"a tiled weight must be [N/128, K/128, 128, 128], got {q.shape}")
