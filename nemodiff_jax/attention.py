@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -198,8 +199,10 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     each row's length + T, scores stay on chip), "cudnn" (jax.nn.dot_product_attention's cuDNN flash
     attention), "auto" (the table above, for `device`, default the first jax device), or a Sharded (under a
     mesh). A forced path that cannot run here is a ValueError naming the device and the reason.
-    `within` [T, T] (static numpy bool) replaces `causal` inside the chunk (module doc); the Pallas kernel has
-    no such mask, so "auto" and "pallas" take cuDNN (the mask as a bias) where it runs, else XLA."""
+    `within` [T, T] (static numpy bool) replaces `causal` inside the chunk (module doc). The Pallas kernel
+    computes one such mask itself, quadratic_spec's canvas (its `chain`), and takes it when forced ("pallas");
+    "auto" (and a forced "pallas" with any other table) takes cuDNN, the mask as a bias, where it runs, else
+    XLA, until the kernel's canvas is measured on the GPU."""
     if isinstance(impl, Sharded):
         return _sharded(q, k_cache, v_cache, lengths, causal, impl, within)
     device = DeviceInfo.of() if device is None else device
@@ -208,7 +211,8 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     if within is not None:
         if within.shape != (t, t):
             raise ValueError(f"within mask {within.shape} does not match the chunk of {t} queries")
-        if impl in ("auto", "pallas"):  # the kernel has no such mask: the next path that runs
+        chain = _canvas_chain(within) if impl == "pallas" else 0
+        if impl == "auto" or (impl == "pallas" and not chain):  # the next path that runs
             impl = "cudnn" if why_not("cudnn", device, q.dtype, h, s) is None else "xla"
     if impl == "auto":
         impl = choose_impl(device, q.dtype, h, b, t, s, causal)
@@ -220,8 +224,20 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     if impl == "pallas":
         from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
 
-        return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal)
+        return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal,
+                                      chain=_canvas_chain(within) if within is not None else 0)
     return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal, within=within)
+
+
+def _canvas_chain(within: np.ndarray) -> int:
+    """J if `within` is quadratic_spec's canvas of a J-chain (the one table the Pallas kernel computes), else 0."""
+    t = within.shape[0]
+    j = int(round((math.sqrt(4 * t + 1) - 1) / 2))
+    if j < 1 or j * (j + 1) != t:
+        return 0
+    from nemodiff_jax.pallas_kernels.chunk_attention import canvas_within  # Mosaic GPU only when used
+
+    return j if np.array_equal(within, canvas_within(j)) else 0
 
 
 def cudnn_chunk_attention(q, k_cache, v_cache, lengths, *, causal: bool, implementation: str = "cudnn",

@@ -3,6 +3,8 @@
 Semantics (same as `nemodiff_jax.attention.chunk_attention(impl="xla")`): the chunk's K/V are already written at
 each row's cache slots `[length, length+T)`; query j of row b sees slot s iff
     s < lengths[b] + j + 1   (causal, bottom-right aligned)   or   s < lengths[b] + T   (bidirectional),
+or, for quadratic_spec's canvas of a J-chain (`chain=J`, T = J(J+1); `canvas_within`), s < lengths[b] or
+within[j, s - lengths[b]], the mask computed from the slot and row indices (no table);
 scores scaled by H**-0.5, softmax in float32, output in q's dtype.
 
 Kernel design
@@ -42,6 +44,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 ROWS_PER_WG = 64  # wgmma M of one warpgroup
@@ -126,9 +129,31 @@ def _smem_transforms(minor: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def canvas_visible(j, i, chain: int):
+    """quadratic_spec's canvas (decoding/quadratic.canvas): whether chunk query j sees chunk slot i (int arrays
+    of one shape, i < 0: the cache before the chunk, always seen). Slot x hangs on chain slot owner(x): x for the
+    J chain slots, (x - J) // J for the J x J masks after them. A query sees the chain up to its own slot's
+    owner, and a mask also sees the masks of its sub-block."""
+    zero = jnp.zeros_like(j)
+
+    def owner(x):
+        return jnp.where(x < chain, x, lax.div(jnp.maximum(x - chain, zero), jnp.full_like(x, chain)))
+
+    in_chain = (i < chain) & (i <= owner(j))
+    same_block = (j >= chain) & (i >= chain) & (owner(j) == owner(i))
+    return in_chain | same_block
+
+
+def canvas_within(chain: int) -> np.ndarray:
+    """The canvas's [T, T] within-chunk visibility as a table (what attention.within_mask takes)."""
+    t = chain * (chain + 1)
+    j, i = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+    return np.asarray(canvas_visible(jnp.asarray(j), jnp.asarray(i), chain))
+
+
 def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_ref, smem, barriers, *,
                             t: int, g: int, causal: bool, q_tiles: int, compute_wgs: int, num_splits: int,
-                            rows_io: int, block: BlockSizes, pv_from_smem: bool):
+                            rows_io: int, block: BlockSizes, pv_from_smem: bool, chain: int = 0):
     """One CTA = (grid head hq = kv_head * q_tiles + q_tile, split, batch row b); warpgroups `wg`.
 
     q_ref       [B, HQ, RIO, H]      folded queries (row r = t*G + g of the tile), zero-padded rows, GMEM
@@ -163,7 +188,7 @@ def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_re
 
     length = lengths_ref[b]
     # The highest slot any query of this tile may see, plus one.
-    if causal:
+    if causal and not chain:
         if q_tiles == 1:
             tile_limit = length + (min(rows_cta, n_rows) - 1) // g + 1
         else:
@@ -217,7 +242,11 @@ def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_re
             slot_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS_PER_WG, bk), 1, layout=plgpu.Layout.WGMMA) + start
             x = jnp.where(slot_ids >= i * bk, x, MASK_VALUE)  # the shifted last window overlaps block i-1
             x = jnp.where(slot_ids < length + t, x, MASK_VALUE)
-            if causal:  # slot s < length + r//G + 1  <=>  (s - length) * G <= r
+            if chain:  # the canvas: query r//G against chunk slot s - length
+                row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS_PER_WG, bk), 0, layout=plgpu.Layout.WGMMA)
+                query = lax.div(row_ids + row_base, jnp.full_like(row_ids, g)) if g > 1 else row_ids + row_base
+                x = jnp.where(canvas_visible(query, slot_ids - length, chain), x, MASK_VALUE)
+            elif causal:  # slot s < length + r//G + 1  <=>  (s - length) * G <= r
                 row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS_PER_WG, bk), 0, layout=plgpu.Layout.WGMMA)
                 lhs = slot_ids * g if g > 1 else slot_ids
                 x = jnp.where(lhs <= row_ids + (row_base + length * g), x, MASK_VALUE)
@@ -299,13 +328,13 @@ def _combine(o, m, l):
     return num / den[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("causal", "block", "interpret", "chain"))
 def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                            causal: bool, block: BlockSizes = BlockSizes(),
-                           interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+                           interpret: bool | plgpu.InterpretGPUParams = False, chain: int = 0) -> jax.Array:
     """q [B,T,N,H] over the cache k/v [B,S,K,H] (chunk already written at [length, length+T)), lengths [B] int32
     -> [B,T,N,H] in q's dtype. Requires lengths[b] + T <= S (the cache's overflow check), S >= block_kv and
-    S % 8 == 0.
+    S % 8 == 0. `chain` J > 0: the chunk is quadratic_spec's canvas (T = J(J+1); `causal` is then ignored).
     `interpret=True` (or an `plgpu.InterpretGPUParams`, e.g. with `detect_races=True`) runs the kernel under the
     GPU interpreter on CPU, where float32 inputs are allowed too."""
     b, t, n, h = q.shape
@@ -320,6 +349,8 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         raise NotImplementedError(f"compiled kernel takes bf16/f16, got {q.dtype}")
     if s < block.block_kv or s % TMA_ROWS:
         raise ValueError(f"cache capacity {s} must be >= {block.block_kv=} and a multiple of {TMA_ROWS}")
+    if chain and t != chain * (chain + 1):
+        raise ValueError(f"a canvas of chain {chain} has {chain * (chain + 1)} queries, got T={t}")
     g = n // kh
     n_rows = t * g
     plan = grid_plan(b, t, n, kh, s, block)
@@ -340,7 +371,7 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                             transforms=_smem_transforms(block.block_kv, q.dtype)) if pv_from_smem else None)
     kernel = functools.partial(
         _chunk_attention_kernel, t=t, g=g, causal=causal, q_tiles=q_tiles, compute_wgs=compute_wgs,
-        num_splits=splits, rows_io=rows_io, block=block, pv_from_smem=pv_from_smem)
+        num_splits=splits, rows_io=rows_io, block=block, pv_from_smem=pv_from_smem, chain=chain)
     o, m, l = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((b, heads, splits, rows_io, h), f32),
@@ -375,9 +406,10 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 
 def chunk_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                              causal: bool) -> jax.Array:
-    """Pure-jnp oracle, all float32: query j of row b sees slot s < lengths[b] + (j+1 if causal else T).
-    Slots past a row's limit are treated as absent (zeroed before use), so poisoned (NaN) slots cannot leak."""
+                              causal: bool, within: np.ndarray | None = None) -> jax.Array:
+    """Pure-jnp oracle, all float32: query j of row b sees slot s < lengths[b] + (j+1 if causal else T), or with
+    a `within` table [T, T], s < lengths[b] or within[j, s - lengths[b]]. Slots past a row's limit are treated
+    as absent (zeroed before use), so poisoned (NaN) slots cannot leak."""
     b, t, n, h = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     g = n // kh
@@ -392,6 +424,10 @@ def chunk_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     query_pos = jnp.arange(t)
     limit = lengths.astype(jnp.int32)[:, None] + (query_pos + 1 if causal else jnp.full((t,), t))[None, :]
     visible = slot[None, None, :] < limit[:, :, None]  # [B, T, S]
+    if within is not None:
+        rel = slot[None, :] - lengths.astype(jnp.int32)[:, None]  # [B, S]
+        table = jnp.asarray(within)[:, jnp.clip(rel, 0, t - 1)]  # [T, B, S]
+        visible = (rel[:, None, :] < 0) | ((rel[:, None, :] < t) & table.transpose(1, 0, 2))
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     weights = jnp.exp(scores)

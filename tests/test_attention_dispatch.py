@@ -177,7 +177,8 @@ def test_within_chunk_mask():
     """A structured chunk (`within` [T, T]): the cache before each row's length is seen whole, the chunk as
     `within` says, nothing past it. tril(within) == the causal chunk, ones == the bidirectional one; a
     quadratic_spec canvas through XLA and through the cuDNN call's arguments (run by XLA here) equals sdpa under
-    the mask built by hand; the kernel paths ("pallas", "auto" on an H200) fall back to a path with masks."""
+    the mask built by hand; "auto" falls back to a path with masks, as does a forced "pallas" with a table that
+    is not a canvas (the kernel computes only the canvas's)."""
     from nemodiff_jax.decoding import quadratic
 
     b, t, s = 3, 6, 40
@@ -200,8 +201,15 @@ def test_within_chunk_mask():
     via_cudnn_args = attn.cudnn_chunk_attention(q, kc, vc, lens, causal=True, implementation="xla", within=within)
     np.testing.assert_allclose(via_cudnn_args, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(attn.chunk_attention(q, kc, vc, lens, causal=True, impl="xla"), want, atol=1e-3)
-    for impl in ("pallas", "auto"):  # on a CPU: XLA (cuDNN cannot run here either)
-        out = attn.chunk_attention(q, kc, vc, lens, causal=True, impl=impl, within=within)
-        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    out = attn.chunk_attention(q, kc, vc, lens, causal=True, impl="auto", within=within)  # a CPU: XLA
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    # the kernel computes the canvas itself: forced "pallas" takes it, so on a CPU that is the forced-path error
+    with pytest.raises(ValueError, match="'pallas' cannot run on cpu"):
+        attn.chunk_attention(q, kc, vc, lens, causal=True, impl="pallas", within=within)
+    other = within.copy()
+    other[0, 1] = True  # not a canvas: forced "pallas" falls back to a path with masks (XLA here)
+    out = attn.chunk_attention(q, kc, vc, lens, causal=True, impl="pallas", within=other)
+    np.testing.assert_allclose(out, attn.sdpa(q, kc, vc, jnp.asarray(attn.within_mask(lens, other, s))),
+                               rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="does not match the chunk"):
         attn.chunk_attention(q, kc, vc, lens, causal=True, impl="xla", within=tril[:4, :4])

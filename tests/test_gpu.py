@@ -28,7 +28,8 @@ from nemodiff_jax import attention as attn
 from nemodiff_jax import embedded
 from nemodiff_jax.embedded import default_model
 from nemodiff_jax.generate import load
-from nemodiff_jax.pallas_kernels.chunk_attention import BlockSizes, chunk_attention_pallas, chunk_attention_reference
+from nemodiff_jax.pallas_kernels.chunk_attention import (BlockSizes, canvas_within, chunk_attention_pallas,
+                                                         chunk_attention_reference)
 
 pytestmark = pytest.mark.gpu
 
@@ -113,6 +114,16 @@ def test_pallas_kernel_block_variants(block, t, causal):
     assert_close(out, _reference(q, k, v, lens, causal=causal), f"{block} T={t} causal={causal}")
 
 
+@pytest.mark.parametrize("b,ctx", [(1, 1000), (1, 4096), (8, 4096)], ids=_ids)
+def test_pallas_kernel_canvas_mask(b, ctx):
+    """quadratic_spec's canvas (chain 8: 72 queries, 288 folded rows) with the mask computed in the kernel."""
+    within = canvas_within(8)
+    q, k, v, lens = make_case(b, 72, ctx, 64, seed=b + ctx, nan=True)
+    out = chunk_attention_pallas(q, k, v, lens, causal=True, chain=8)
+    ref = jax.jit(functools.partial(chunk_attention_reference, causal=True, within=within))(q, k, v, lens)
+    assert_close(out, ref, f"canvas B={b} ctx={ctx}")
+
+
 @pytest.mark.parametrize("b,ctx", [(1, 100), (8, 1000), (64, 4096), (1, 32768)], ids=_ids)
 @pytest.mark.parametrize("t,causal", MASKS, ids=_ids)
 def test_cudnn_path_matches_reference(b, ctx, t, causal):
@@ -134,7 +145,7 @@ def test_this_gpu_is_described_and_routed():
 PROMPTS = embedded.PROMPTS
 NEW = 96
 PATHS = ("pallas", "cudnn", "xla")
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # quadratic_spec's canvas: cuDNN / XLA (no kernel)
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # the canvas: the kernel when forced, else cuDNN/XLA
 
 
 @pytest.fixture(scope="module")

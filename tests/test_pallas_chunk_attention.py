@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from nemodiff_jax.attention import chunk_attention
-from nemodiff_jax.pallas_kernels.chunk_attention import (BlockSizes, auto_num_splits, chunk_attention_pallas,
-                                            chunk_attention_reference)
+from nemodiff_jax.decoding import quadratic
+from nemodiff_jax.pallas_kernels.chunk_attention import (BlockSizes, auto_num_splits, canvas_within,
+                                                         chunk_attention_pallas, chunk_attention_reference)
 
 POISON_K, POISON_V = 100.0, 1e4  # would dominate the softmax / the output if ever given weight
 
@@ -94,6 +95,46 @@ def test_kernel_matches_reference_and_xla(name, causal):
     assert_close(out, xla, dtype, f"{name} vs xla")
 
 
+# quadratic_spec's canvas (chain J: T = J(J+1)), its mask computed in the kernel from row and slot indices:
+# (B, chain, N, K, H, S, lengths, block). GQA 16 at J=3: 192 folded rows = two query tiles per kv head.
+CANVAS_CASES = {
+    "j2_g2_b2": (2, 2, 2, 1, 32, 136, [0, 71], BlockSizes(64, 2, num_splits=2)),
+    "j3_g16_b1": (1, 3, 16, 1, 32, 128, [50], BlockSizes(32, 2, num_splits=1)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("name", CANVAS_CASES)
+def test_canvas_mask_matches_reference_and_xla(name):
+    b, chain, n, kh, h, s, lengths, block = CANVAS_CASES[name]
+    within = quadratic.canvas(chain)[1]
+    np.testing.assert_array_equal(canvas_within(chain), within)  # the kernel's formula is the mode's table
+    t = within.shape[0]
+    q, (k_nan, v_nan), (k, v), lens = make_inputs(b, t, n, kh, h, s, lengths, jnp.float32, block.block_kv)
+    out = chunk_attention_pallas(q, k_nan, v_nan, lens, causal=True, block=block, interpret=True, chain=chain)
+    ref = chunk_attention_reference(q, k_nan, v_nan, lens, causal=True, within=within)
+    assert_close(out, ref, jnp.float32, f"{name} vs reference")
+    xla = chunk_attention(q, k, v, lens, causal=True, impl="xla", within=within)
+    assert_close(out, xla, jnp.float32, f"{name} vs xla")
+    causal = chunk_attention_reference(q, k_nan, v_nan, lens, causal=True)
+    assert np.abs(np.asarray(out) - np.asarray(causal)).max() > 1e-2  # the canvas is not the causal mask
+    with pytest.raises(ValueError, match="a canvas of chain 2 has 6 queries"):
+        chunk_attention_pallas(q[:, :5], k_nan, v_nan, lens, causal=True, interpret=True, chain=2)
+
+
+def test_the_canvas_is_recognised():
+    """attention.chunk_attention hands the kernel a `within` table only when it is a canvas (the kernel computes
+    that one mask itself); any other table keeps cuDNN / XLA."""
+    from nemodiff_jax.attention import _canvas_chain
+
+    for j in (1, 2, 8):
+        assert _canvas_chain(quadratic.canvas(j)[1]) == j
+    other = quadratic.canvas(2)[1].copy()
+    other[0, 1] = True
+    assert _canvas_chain(other) == 0
+    assert _canvas_chain(np.tril(np.ones((6, 6), bool))) == 0 and _canvas_chain(np.ones((5, 5), bool)) == 0
+
+
 # Compiled-path configurations (8B heads N=32, K=8, H=128), lowered for CUDA on this CPU machine: runs the Mosaic GPU
 # lowering (layout inference, TMA/tiling divisibility, SMEM budget) without a GPU. Not a substitute for running.
 LOWERINGS = [dict(t=t, causal=c, block=BlockSizes()) for t in (1, 32) for c in (True, False)] + [
@@ -101,6 +142,7 @@ LOWERINGS = [dict(t=t, causal=c, block=BlockSizes()) for t in (1, 32) for c in (
     dict(t=32, causal=True, block=BlockSizes(), n=64),  # GQA 8: two query tiles per kv head
     dict(t=1, causal=True, block=BlockSizes(128, 2), dtype=jnp.float16),
     dict(t=32, causal=True, block=BlockSizes(128, 1)),
+    dict(t=72, causal=True, block=BlockSizes(), chain=8),  # quadratic_spec's default canvas: 288 rows, 3 q tiles
 ]
 
 
@@ -110,7 +152,8 @@ def test_compiled_path_lowers_for_cuda():
         t, n, dtype = cfg["t"], cfg.get("n", 32), cfg.get("dtype", jnp.bfloat16)
         args = (jax.ShapeDtypeStruct((2, t, n, 128), dtype), jax.ShapeDtypeStruct((2, 1024, 8, 128), dtype),
                 jax.ShapeDtypeStruct((2, 1024, 8, 128), dtype), jax.ShapeDtypeStruct((2,), jnp.int32))
-        fn = jax.jit(functools.partial(chunk_attention_pallas, causal=cfg["causal"], block=cfg["block"]))
+        fn = jax.jit(functools.partial(chunk_attention_pallas, causal=cfg["causal"], block=cfg["block"],
+                                       chain=cfg.get("chain", 0)))
         try:
             fn.trace(*args).lower(lowering_platforms=("cuda",))
         except Exception as e:  # noqa: BLE001 - collect every failing configuration
