@@ -144,11 +144,14 @@ def canvas_visible(j, i, chain: int):
     return in_chain | same_block
 
 
+@functools.lru_cache(maxsize=None)
 def canvas_within(chain: int) -> np.ndarray:
-    """The canvas's [T, T] within-chunk visibility as a table (what attention.within_mask takes)."""
+    """The canvas's [T, T] within-chunk visibility as a (read-only) table, what attention.within_mask takes."""
     t = chain * (chain + 1)
     j, i = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
-    return np.asarray(canvas_visible(jnp.asarray(j), jnp.asarray(i), chain))
+    table = np.asarray(canvas_visible(jnp.asarray(j), jnp.asarray(i), chain))
+    table.flags.writeable = False
+    return table
 
 
 def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_ref, smem, barriers, *,
