@@ -1,8 +1,8 @@
 """Where the int8 / int4 kernel's time goes (pallas_kernels/qmatmul.py), per kernel, from CUPTI.
 
-For each 8B layer matmul at M rows and each format, the device time of every kernel one call launches (the x pad,
-the Pallas kernel, the epilogue that sums the stream-K partials), summed over enough distinct weight copies that
-L2 holds none, under three variants of the Pallas kernel:
+For each 8B layer matmul at M rows and each format, the device time of every kernel one call launches (the Pallas
+kernel, the epilogue that sums the stream-K partials, an x pad where M needs one), averaged over enough distinct
+weight copies that L2 holds none, under these variants of the Pallas kernel:
 - `full`: the kernel as shipped;
 - `memory` (QMatmulConfig(probe="memory")): the same ring of TMA copies, no compute: what the pipeline streams;
 - `convert` (probe="convert"): load and dequantize every tile, but no per-step wgmma;

@@ -208,6 +208,7 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     device = DeviceInfo.of() if device is None else device
     b, t, _, h = q.shape
     s = k_cache.shape[1]
+    chain = 0  # > 0: `within` is the canvas the kernel computes itself
     if within is not None:
         if within.shape != (t, t):
             raise ValueError(f"within mask {within.shape} does not match the chunk of {t} queries")
@@ -224,8 +225,7 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     if impl == "pallas":
         from nemodiff_jax.pallas_kernels.chunk_attention import chunk_attention_pallas  # Mosaic GPU only when used
 
-        return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal,
-                                      chain=_canvas_chain(within) if within is not None else 0)
+        return chunk_attention_pallas(q, k_cache, v_cache, lengths, causal=causal, chain=chain)
     return cudnn_chunk_attention(q, k_cache, v_cache, lengths, causal=causal, within=within)
 
 

@@ -53,22 +53,17 @@ def _quantizer(fmt: str, in_dims: int):
 
 def tile_quantized(model: Transformer) -> Transformer:
     """Lays every quantized weight out in quant.tile's 128 x 128 blocks, in place, where the Pallas kernel will
-    read it (the first device is a Hopper GPU: quant.why_not); elsewhere (CPU, other GPUs: the XLA reference)
-    the weights stay in rows. Returns the model."""
+    read it (quant.why_not: the first device is a Hopper GPU and the weight is one the kernel takes); elsewhere
+    (CPU, other GPUs: the XLA reference) the weights stay in rows. Returns the model."""
     from nemodiff_jax.attention import DeviceInfo
 
-    if quant.why_not("pallas", DeviceInfo.of(), jnp.bfloat16, 1, _probe_weight()) is not None:
-        return model
+    device = DeviceInfo.of()
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(w := var.get_value(), quant.QWeight) and quant.tileable(w) and not w.tiled:
+        w = var.get_value()
+        if (isinstance(w, quant.QWeight) and not w.tiled and quant.tileable(w)
+                and quant.why_not("pallas", device, jnp.bfloat16, 1, w) is None):
             var.set_value(_tiler(w))
     return model
-
-
-@functools.lru_cache(maxsize=None)
-def _probe_weight() -> quant.QWeight:
-    """A shape every kernel check passes, to ask the table about the device alone."""
-    return quant.abstract((quant.TILE, quant.TILE), "int8", 1)
 
 
 _tiler = jax.jit(quant.tile)
