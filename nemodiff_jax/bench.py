@@ -500,14 +500,17 @@ def bench_forward(model, cfg, batch, ctx, t, causal, attn_impl="xla", n=16, warm
 def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="auto", reps=3, mesh=None):
     """End-to-end on-device decode loop of one mode (prefill excluded), mode defaults as the Generator's:
     tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
-    commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real."""
+    commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real.
+    mode "ar_deterministic" (timed on request only): ar with deterministic=True, every step at the verify
+    chunk's shape, whose cost the option is judged by."""
     from nemodiff_jax.generate import MODE_OPTIONS, decoding_options
     from nemodiff_jax.slots import MODES as DECODERS
     from nemodiff_jax.slots import chunk_width, draft_width, round_up
 
     graphdef, params = nnx.split(model)
-    opts = decoding_options(cfg, mode, {}, attn_impl)
-    step = DECODERS[mode].step
+    base, options = ("ar", {"deterministic": True}) if mode == "ar_deterministic" else (mode, {})
+    opts = decoding_options(cfg, base, options, attn_impl)
+    step = DECODERS[base].step
     capacity = round_up(prompt_len + new_tokens + 2 * cfg.block_size + chunk_width(opts) + 64, 128)
 
     def fresh():
@@ -515,7 +518,7 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
                              lengths=jnp.full((batch,), prompt_len, jnp.int32))
         keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
         first = jnp.full((batch,), 5, jnp.int32)
-        threshold = MODE_OPTIONS[mode].get("threshold", 0.0)  # the Generator's defaults, no stop ids
+        threshold = MODE_OPTIONS[base].get("threshold", 0.0)  # the Generator's defaults, no stop ids
         rows = RowSettings.make([new_tokens] * batch, [0.0] * batch, [None] * batch, [None] * batch, [()] * batch,
                                 [threshold] * batch, [opts.block] * batch)
         return initial_state(cache, new_tokens + 2 * cfg.block_size, keys, rows, None, first, draft_width(opts))
@@ -536,7 +539,7 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     forwards = int(st.total_passes)
     tokens = np.asarray(st.out)[:, :new_tokens]
     rounds = int(jnp.max(st.rounds))
-    return {"mode": mode, "tokens_per_s": emitted / dt, "forwards": forwards, "rounds": rounds,
+    return {"mode": mode, "deterministic": bool(opts.deterministic), "tokens_per_s": emitted / dt, "forwards": forwards, "rounds": rounds,
             "ms_per_forward": 1e3 * dt / forwards, "ms_per_round": 1e3 * dt / max(rounds, 1),
             "tokens_per_forward": emitted / batch / forwards,
             "tokens_crc32": zlib.crc32(tokens.astype(np.int32).tobytes()),  # same tokens across runs/meshes?
@@ -587,10 +590,11 @@ def _bench_format(res, name, cfg, fmt, s, hbm, impls, mesh, save):
         save(res)
         print(json.dumps({name: row}), flush=True)
     for mode, b, impl in ((m, b, i) for i in s.attn for m in s.modes for b in s.batches):
-        new = s.new_tokens if mode == "ar" else s.mode_new_tokens
+        ar = mode in ("ar", "ar_deterministic")
+        new = s.new_tokens if ar else s.mode_new_tokens
         r = bench_e2e(model, cfg, b, s.prompt_len, new, mode=mode, attn_impl=impls[impl], mesh=mesh)
         r["format"], r["batch"], r["attn"] = fmt, b, impl
-        if mode == "ar":
+        if ar:
             floor = per_device_bytes(weight_bytes, kv_bytes(cfg, b, s.prompt_len + new + 64), mesh)
             _roof(r, "", hbm, floor, r["ms_per_forward"] / 1e3)
         res["e2e"].append(r)

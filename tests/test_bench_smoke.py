@@ -139,3 +139,15 @@ def test_tp_variants_compile_options_keep_logits(tmp_path):
     assert got == {(1, "default"), (1, "no_cmd_buffer")} | {(2, v) for v in tp_variants.VARIANTS}
     assert all(r["same_logits"] and r["ms_per_forward"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_bench_ar_deterministic_costs_what_ar_does_in_forwards():
+    """The deterministic option's bench row: the same tokens as ar (the option changes shapes, not results) and
+    one forward per token, each a block-size chunk."""
+    cfg = bench.size_config("tiny")
+    model = bench.make_model(cfg)
+    ar = bench.bench_e2e(model, cfg, 2, 16, 8, mode="ar", attn_impl="xla", reps=1)
+    det = bench.bench_e2e(model, cfg, 2, 16, 8, mode="ar_deterministic", attn_impl="xla", reps=1)
+    assert det["deterministic"] and not ar["deterministic"]
+    assert det["mode"] == "ar_deterministic" and det["forwards"] == ar["forwards"] == 7
+    assert det["tokens_crc32"] == ar["tokens_crc32"]
