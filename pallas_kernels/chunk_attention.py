@@ -149,7 +149,8 @@ def canvas_within(chain: int) -> np.ndarray:
     """The canvas's [T, T] within-chunk visibility as a (read-only) table, what attention.within_mask takes."""
     t = chain * (chain + 1)
     j, i = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
-    table = np.asarray(canvas_visible(jnp.asarray(j), jnp.asarray(i), chain))
+    with jax.ensure_compile_time_eval():  # first asked for while a forward is traced: the table stays concrete
+        table = np.asarray(canvas_visible(jnp.asarray(j), jnp.asarray(i), chain))
     table.flags.writeable = False
     return table
 

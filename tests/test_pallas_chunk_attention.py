@@ -196,3 +196,12 @@ def test_bad_input():
     for block in (BlockSizes(128, 2), BlockSizes(64, 4)):  # 2 compute warpgroups at T=32, G=4, H=128
         with pytest.raises(ValueError, match="shared memory"):
             chunk_attention_pallas(q8b, k8b, k8b, lens1, causal=True, block=block)
+
+
+def test_canvas_within_first_asked_for_inside_a_trace():
+    """The dispatch (attention._canvas_chain) first builds the table while a forward is being traced, as
+    `nemodiff bench --attn pallas` did on the GPU: it must come out as a concrete table there too."""
+    canvas_within.cache_clear()
+    seen = []
+    jax.jit(lambda x: seen.append(canvas_within(4)) or x)(jnp.zeros(()))
+    np.testing.assert_array_equal(seen[0], quadratic.canvas(4)[1])
