@@ -213,3 +213,26 @@ def test_within_chunk_mask():
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="does not match the chunk"):
         attn.chunk_attention(q, kc, vc, lens, causal=True, impl="xla", within=tril[:4, :4])
+
+
+def test_auto_takes_the_kernel_for_the_canvas_on_hopper(monkeypatch):
+    """"auto" routes quadratic_spec's canvas to the Pallas kernel (which computes the mask itself) where the
+    kernel runs, and any other structured chunk to cuDNN with its mask; elsewhere the canvas goes to cuDNN
+    too (recorders stand in for the two GPU paths, which cannot run on a CPU)."""
+    from nemodiff_jax.decoding import quadratic
+    from nemodiff_jax.pallas_kernels import chunk_attention as kernel
+
+    seen = []
+    monkeypatch.setattr(kernel, "chunk_attention_pallas", lambda q, k, v, lens, *, causal, chain: seen.append(
+        ("pallas", chain)) or q)
+    monkeypatch.setattr(attn, "cudnn_chunk_attention", lambda q, k, v, lens, *, causal, within=None: seen.append(
+        ("cudnn", within is not None)) or q)
+    canvas = quadratic.canvas(2)[1]
+    q = jnp.ones((1, canvas.shape[0], 4, 64), BF16)
+    kc = vc = jnp.ones((1, 128, 2, 64), BF16)
+    lens = jnp.array([3], jnp.int32)
+    other = canvas.copy()
+    other[0, 1] = True
+    for device, within in ((H200, canvas), (H200, other), (RTX4090, canvas)):
+        attn.chunk_attention(q, kc, vc, lens, causal=True, impl="auto", device=device, within=within)
+    assert seen == [("pallas", 2), ("cudnn", True), ("cudnn", True)]
