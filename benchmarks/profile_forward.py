@@ -1,6 +1,6 @@
 """Per-kernel device time of n forwards (random weights), from a jax.profiler trace read back in-process.
 
-    python3 -P benchmarks/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt --hlo-out $OUT/tp2.hlo
+    python3 -P benchmarks/profile_forward.py --size 14B --mesh 1 2 --t 1 --out $OUT/prof_tp2.txt --hlo-out $OUT/tp2.hlo.gz
     python3 -P benchmarks/profile_forward.py --size 8B --format int4 --out $OUT/prof_int4.txt
 
 Prints the busiest GPU ops per device (total us per forward, count per forward) and the step time, so a
@@ -145,7 +145,8 @@ def main():
     p.add_argument("--attn", default="auto")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
-    p.add_argument("--hlo-out", default=None, help="write the forward loop's optimized HLO text here")
+    p.add_argument("--hlo-out", default=None, help="write the forward loop's optimized HLO text here (gzipped if "
+                   "the name ends in .gz)")
     p.add_argument("--trace-out", default=None, help="save the trace (xplane.pb, gzipped) here")
     a = p.parse_args()
     mesh = make_mesh(*a.mesh) if a.mesh else None
@@ -169,7 +170,9 @@ def main():
         dumps = glob.glob(os.path.join(DUMP_DIR, "*loop*after_optimizations.txt"))
         if not dumps:
             raise SystemExit(f"no optimized HLO of the forward loop in {DUMP_DIR}")
-        shutil.copyfile(max(dumps, key=os.path.getsize), a.hlo_out)
+        opener = gzip.open if a.hlo_out.endswith(".gz") else open  # the 8B loop's text is > 16 MiB
+        with open(max(dumps, key=os.path.getsize), "rb") as src, opener(a.hlo_out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
