@@ -49,7 +49,9 @@ def _kind(name: str) -> str:
     low = name.lower()
     for key, subs in (("collective", ("all-reduce", "all_reduce", "allreduce", "all-gather", "nccl", "collective",
                                       "reduce-scatter")),
-                      ("attention", ("mosaic", "pallas", "attention")),
+                      ("qmatmul", ("qmatmul",)),  # the Pallas kernels' kernel_name
+                      ("attention", ("chunk_attention", "attention", "flash", "cudnn")),
+                      ("pallas", ("mosaic", "pallas")),
                       ("gemm", ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "dot", "triton"))):
         if any(s in low for s in subs):
             return key

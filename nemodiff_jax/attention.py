@@ -72,9 +72,15 @@ IMPLS = ("auto", "xla", "pallas", "cudnn")
 # T=1 step (1.2-3.7x), 32-token chunks at batch >= 8 (1.4-2.8x), and bidirectional chunks over short caches
 # (1.3x at 1024 slots, a tie at 4096; causal chunks carry a [B,1,T,S] mask, since cuDNN cannot align its causal
 # mask bottom-right, and lose to XLA at batch 1); otherwise XLA. ROCm, TPU, CPU and pre-Ampere GPUs take XLA.
+# A structured chunk (`within`, quadratic_spec's canvas) follows its own rule: the canvas of a chain in
+# KERNEL_CANVAS_CHAINS goes to the Pallas kernel where it runs (it computes that mask itself; measured on an H100,
+# 2026-12-07: a chain-8 round 1.19 / 1.26 AR forwards at 1K / 4K cached tokens, cuDNN with a bias 1.26 / 1.66);
+# any other table, chain or device goes to cuDNN with the mask as a bias where cuDNN runs, else XLA.
 
 CUDNN_BATCH = 8  # from this batch on, cuDNN beat XLA on every measured T=32 chunk
 CUDNN_BIDIR_CAPACITY = 2048  # ... and bidirectional chunks up to this capacity at any batch
+KERNEL_CANVAS_CHAINS = (8,)  # canvases "auto" gives the kernel: the chains its GPU tests have run (a forced
+#                             "pallas" takes any chain; tests/test_gpu.py covers more, to be added once they pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,10 +206,9 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     attention), "auto" (the table above, for `device`, default the first jax device), or a Sharded (under a
     mesh). A forced path that cannot run here is a ValueError naming the device and the reason.
     `within` [T, T] (static numpy bool) replaces `causal` inside the chunk (module doc). The Pallas kernel
-    computes one such mask itself, quadratic_spec's canvas (its `chain`): "auto" takes it there where the
-    kernel runs (H100, 2026-12-07: a chain-8 round costs 1.19 / 1.26 AR forwards at 1K / 4K cached tokens,
-    against 1.28 / 1.66 through cuDNN with the mask as a bias). Any other table, or no kernel, takes cuDNN
-    (the mask as a bias) where it runs, else XLA."""
+    computes one such mask itself, quadratic_spec's canvas (its `chain`), and takes it when forced ("pallas")
+    or, for the chains in KERNEL_CANVAS_CHAINS, under "auto" where the kernel runs (the table above). Any other
+    table, or no kernel, takes cuDNN (the mask as a bias) where it runs, else XLA."""
     if isinstance(impl, Sharded):
         return _sharded(q, k_cache, v_cache, lengths, causal, impl, within)
     device = DeviceInfo.of() if device is None else device
@@ -213,7 +218,8 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     if within is not None:
         if within.shape != (t, t):
             raise ValueError(f"within mask {within.shape} does not match the chunk of {t} queries")
-        if impl == "auto" and why_not("pallas", device, q.dtype, h, s) is None:
+        if (impl == "auto" and why_not("pallas", device, q.dtype, h, s) is None
+                and _canvas_chain(within) in KERNEL_CANVAS_CHAINS):
             impl = "pallas"
         chain = _canvas_chain(within) if impl == "pallas" else 0
         if impl == "auto" or (impl == "pallas" and not chain):  # the next path that runs

@@ -46,7 +46,9 @@ from nemodiff_jax.decoding.common import Options, RowSettings, forward, initial_
 from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.sharding import cache_sharding, make_mesh, matmul_impl, param_shardings, shard_model
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # timed by default
+# ... and on request: ar with deterministic=True (every step at the verify chunk's shape), whose cost decides it
+E2E_MODES = (*MODES, "ar_deterministic")
 FORMATS = ("bf16", *quant.FORMATS)  # weights as made (bf16) or quantized on the device (model.quantize_weights)
 ATTN_IMPLS = IMPLS  # "auto" | "xla" | "pallas" | "cudnn": nemodiff_jax.attention.chunk_attention's impl
 EMBEDDED = "embedded"  # size name: the embedded model's config.json shape (random weights)
@@ -92,6 +94,9 @@ class Settings:
         for a in self.attn:
             if a not in ATTN_IMPLS:
                 raise ValueError(f"unknown attention impl {a!r}: choose from {ATTN_IMPLS}")
+        for m in self.modes:
+            if m not in E2E_MODES:
+                raise ValueError(f"unknown mode {m!r}: choose from {E2E_MODES}")
         for f in self.formats:
             if f not in FORMATS:
                 raise ValueError(f"unknown weight format {f!r}: choose from {FORMATS}")
@@ -501,8 +506,7 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     """End-to-end on-device decode loop of one mode (prefill excluded), mode defaults as the Generator's:
     tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
     commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real.
-    mode "ar_deterministic" (timed on request only): ar with deterministic=True, every step at the verify
-    chunk's shape, whose cost the option is judged by."""
+    mode may also be "ar_deterministic" (E2E_MODES)."""
     from nemodiff_jax.generate import MODE_OPTIONS, decoding_options
     from nemodiff_jax.slots import MODES as DECODERS
     from nemodiff_jax.slots import chunk_width, draft_width, round_up
@@ -539,7 +543,8 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     forwards = int(st.total_passes)
     tokens = np.asarray(st.out)[:, :new_tokens]
     rounds = int(jnp.max(st.rounds))
-    return {"mode": mode, "deterministic": bool(opts.deterministic), "tokens_per_s": emitted / dt, "forwards": forwards, "rounds": rounds,
+    return {"mode": mode, "deterministic": bool(opts.deterministic), "tokens_per_s": emitted / dt,
+            "forwards": forwards, "rounds": rounds,
             "ms_per_forward": 1e3 * dt / forwards, "ms_per_round": 1e3 * dt / max(rounds, 1),
             "tokens_per_forward": emitted / batch / forwards,
             "tokens_crc32": zlib.crc32(tokens.astype(np.int32).tobytes()),  # same tokens across runs/meshes?

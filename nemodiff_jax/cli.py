@@ -528,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--prompt-len", type=int, default=None)
     bn.add_argument("--new-tokens", type=int, default=None, help="new tokens per row for ar")
     bn.add_argument("--modes", nargs="+", default=list(MODES), choices=(*MODES, "ar_deterministic"),
-                    help="decoding modes timed end to end (ar_deterministic: ar with --deterministic, on request)")
+                    help="decoding modes timed end to end (ar_deterministic, on request only: ar with "
+                    "--deterministic; it takes --new-tokens as ar does)")
     bn.add_argument("--mode-new-tokens", type=int, default=None,
                     help="new tokens per row for diffusion / linear_spec (32-token forwards: costlier)")
     bn.add_argument("--embedded", action="store_true", help="also run the embedded model (real weights) per mode")

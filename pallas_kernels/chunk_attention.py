@@ -397,6 +397,7 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         ),
         grid=(heads, splits, b),
         grid_names=("heads", "splits", "batch"),
+        kernel_name="chunk_attention",  # what a profile lists (benchmarks/profile_forward.py)
         num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

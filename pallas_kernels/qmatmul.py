@@ -435,6 +435,7 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
         scratch_types=scratch,
         grid=(plan.ctas, plan.m_tiles),
         grid_names=("cta", "m"),
+        kernel_name="qmatmul",  # what a profile lists (benchmarks/profile_forward.py)
         num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -177,8 +177,8 @@ def test_within_chunk_mask():
     """A structured chunk (`within` [T, T]): the cache before each row's length is seen whole, the chunk as
     `within` says, nothing past it. tril(within) == the causal chunk, ones == the bidirectional one; a
     quadratic_spec canvas through XLA and through the cuDNN call's arguments (run by XLA here) equals sdpa under
-    the mask built by hand; "auto" falls back to a path with masks, as does a forced "pallas" with a table that
-    is not a canvas (the kernel computes only the canvas's)."""
+    the mask built by hand; "auto" on this CPU takes a path with masks (XLA), as does a forced "pallas" with a
+    table that is not a canvas (the kernel computes only the canvas's)."""
     from nemodiff_jax.decoding import quadratic
 
     b, t, s = 3, 6, 40
@@ -216,9 +216,10 @@ def test_within_chunk_mask():
 
 
 def test_auto_takes_the_kernel_for_the_canvas_on_hopper(monkeypatch):
-    """"auto" routes quadratic_spec's canvas to the Pallas kernel (which computes the mask itself) where the
-    kernel runs, and any other structured chunk to cuDNN with its mask; elsewhere the canvas goes to cuDNN
-    too (recorders stand in for the two GPU paths, which cannot run on a CPU)."""
+    """"auto" routes quadratic_spec's canvas of a GPU-tested chain (KERNEL_CANVAS_CHAINS) to the Pallas kernel,
+    which computes the mask itself, where the kernel runs; any other chain or structured chunk goes to cuDNN with
+    its mask, and so does every canvas elsewhere (recorders stand in for the two GPU paths, which cannot run on
+    a CPU)."""
     from nemodiff_jax.decoding import quadratic
     from nemodiff_jax.pallas_kernels import chunk_attention as kernel
 
@@ -227,12 +228,13 @@ def test_auto_takes_the_kernel_for_the_canvas_on_hopper(monkeypatch):
         ("pallas", chain)) or q)
     monkeypatch.setattr(attn, "cudnn_chunk_attention", lambda q, k, v, lens, *, causal, within=None: seen.append(
         ("cudnn", within is not None)) or q)
-    canvas = quadratic.canvas(2)[1]
-    q = jnp.ones((1, canvas.shape[0], 4, 64), BF16)
     kc = vc = jnp.ones((1, 128, 2, 64), BF16)
     lens = jnp.array([3], jnp.int32)
+    assert attn.KERNEL_CANVAS_CHAINS == (8,)
+    canvas, untested = quadratic.canvas(8)[1], quadratic.canvas(2)[1]
     other = canvas.copy()
     other[0, 1] = True
-    for device, within in ((H200, canvas), (H200, other), (RTX4090, canvas)):
+    for device, within in ((H200, canvas), (H200, other), (H200, untested), (RTX4090, canvas)):
+        q = jnp.ones((1, within.shape[0], 4, 64), BF16)
         attn.chunk_attention(q, kc, vc, lens, causal=True, impl="auto", device=device, within=within)
-    assert seen == [("pallas", 2), ("cudnn", True), ("cudnn", True)]
+    assert seen == [("pallas", 8), ("cudnn", True), ("cudnn", True), ("cudnn", True)]

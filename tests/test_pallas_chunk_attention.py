@@ -143,6 +143,7 @@ LOWERINGS = [dict(t=t, causal=c, block=BlockSizes()) for t in (1, 32) for c in (
     dict(t=1, causal=True, block=BlockSizes(128, 2), dtype=jnp.float16),
     dict(t=32, causal=True, block=BlockSizes(128, 1)),
     dict(t=72, causal=True, block=BlockSizes(), chain=8),  # quadratic_spec's default canvas: 288 rows, 3 q tiles
+    *(dict(t=j * (j + 1), causal=True, block=BlockSizes(), chain=j) for j in (2, 4, 16, 32)),  # the other chains
 ]
 
 
