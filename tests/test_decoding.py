@@ -569,3 +569,21 @@ def test_max_new_tokens_bounds_are_exact(gens):
         res = run(g, PROMPTS, mode, max_new_tokens=1, **opts)
         assert toks(res) == [t[:1] for t in full]
         assert all(r.stats["decode_forward_passes"] == 0 for r in res)
+
+
+def test_prefill_heads_only_each_rows_last_token(gens):
+    """prefill runs the head on each row's last prompt token only: its logits are the full forward's at that
+    position (ragged right-padded prompts), and the cache is advanced by each row's own length."""
+    from nemodiff_jax.cache import KVCache
+    from nemodiff_jax.decoding.common import Options, forward, prefill
+
+    model, opts = gens[0].model, Options(mode="ar", attn_impl="xla")
+    lens = jnp.array([6, 3, 1], jnp.int32)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(12, 99, (3, 6)), jnp.int32)
+    cache = KVCache.init(CFG, 3, 64, jnp.float32)
+    last, advanced = prefill(model, prompt, lens, cache, opts)
+    full, _ = forward(model, prompt, cache, causal=True, opts=opts)
+    assert last.shape == (3, CFG.vocab_size)
+    np.testing.assert_allclose(last, full[jnp.arange(3), lens - 1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(last, full[:, -1], atol=1e-3)  # rows 1 and 2 end before the padding
+    np.testing.assert_array_equal(advanced.lengths, lens)

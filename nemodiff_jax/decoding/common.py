@@ -87,19 +87,20 @@ class State:
 
 
 def forward(model, tokens: jax.Array, cache: KVCache, *, causal: bool, opts: Options, lora=None, embeds=None,
-            offsets: np.ndarray | None = None, within: np.ndarray | None = None):
+            offsets: np.ndarray | None = None, within: np.ndarray | None = None, hidden: bool = False):
     """One chunk forward at each row's own position (cache.lengths + arange(T)); cache written at
     [length, length+T), not advanced. `embeds` [B,T,D] (a prefill with images) replace the token lookup.
     A structured chunk (quadratic_spec's canvas) gives each slot's position offset `offsets` [T] and who sees
     whom inside the chunk, `within` [T, T] (both static numpy). The plain paths call the model exactly as
-    before (no extra arguments)."""
+    before (no extra arguments). `hidden`: the final hidden states [B,T,D] instead of the logits."""
     t = tokens.shape[1]
     offsets = np.arange(t, dtype=np.int32) if offsets is None else offsets
     positions = cache.lengths[:, None] + jnp.asarray(offsets, jnp.int32)[None, :]
     extra = {} if embeds is None else {"embeds": embeds}
     if within is not None:
         extra["within"] = within
-    return model(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl, **extra)
+    call = model.hidden if hidden else model
+    return call(tokens, positions, cache, causal=causal, lora=lora, attn_impl=opts.attn_impl, **extra)
 
 
 def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -118,11 +119,13 @@ def write_out(out: jax.Array, n_out: jax.Array, tokens: jax.Array, active: jax.A
 def prefill(model, prompt: jax.Array, prompt_lens: jax.Array, cache: KVCache, opts: Options, embeds=None):
     """Causal prefill of right-padded prompts [B, P]; returns the logits [B, V] at each row's last prompt
     token and the cache advanced by each row's own length (padding K/V sit past it, overwritten later).
-    `embeds` [B, P, D]: the prompts' input embeddings (image features spliced in) instead of the lookup."""
-    logits, cache = forward(model, prompt, cache, causal=True, opts=opts, embeds=embeds)
+    `embeds` [B, P, D]: the prompts' input embeddings (image features spliced in) instead of the lookup.
+    Only the last token's hidden state goes through the head: [B, P, V] float32 logits would be most of a
+    long prefill's memory (8B: 0.5 MB per token)."""
+    h, cache = forward(model, prompt, cache, causal=True, opts=opts, embeds=embeds, hidden=True)
     cache = cache.advance(prompt_lens)
-    last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    last = jnp.take_along_axis(h, (prompt_lens - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return model.head(last)[:, 0], cache
 
 
 def force_think_end(tokens: jax.Array, start: jax.Array, out: jax.Array, n_out: jax.Array,
