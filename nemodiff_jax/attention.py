@@ -218,10 +218,10 @@ def chunk_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length
     if within is not None:
         if within.shape != (t, t):
             raise ValueError(f"within mask {within.shape} does not match the chunk of {t} queries")
-        if (impl == "auto" and why_not("pallas", device, q.dtype, h, s) is None
-                and _canvas_chain(within) in KERNEL_CANVAS_CHAINS):
+        kernel = impl == "pallas" or (impl == "auto" and why_not("pallas", device, q.dtype, h, s) is None)
+        chain = _canvas_chain(within) if kernel else 0
+        if impl == "auto" and chain in KERNEL_CANVAS_CHAINS:
             impl = "pallas"
-        chain = _canvas_chain(within) if impl == "pallas" else 0
         if impl == "auto" or (impl == "pallas" and not chain):  # the next path that runs
             impl = "cudnn" if why_not("cudnn", device, q.dtype, h, s) is None else "xla"
     if impl == "auto":

@@ -47,8 +47,10 @@ from nemodiff_jax.model import Transformer, abstract_model, quantize_weights
 from nemodiff_jax.sharding import cache_sharding, make_mesh, matmul_impl, param_shardings, shard_model
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # timed by default
-# ... and on request: ar with deterministic=True (every step at the verify chunk's shape), whose cost decides it
-E2E_MODES = (*MODES, "ar_deterministic")
+# ... and on request, a mode with options: ar with deterministic=True (every step at the verify chunk's shape),
+# whose cost decides it. Each maps to (the decoding mode, its options).
+MODE_VARIANTS = {"ar_deterministic": ("ar", {"deterministic": True})}
+E2E_MODES = (*MODES, *MODE_VARIANTS)
 FORMATS = ("bf16", *quant.FORMATS)  # weights as made (bf16) or quantized on the device (model.quantize_weights)
 ATTN_IMPLS = IMPLS  # "auto" | "xla" | "pallas" | "cudnn": nemodiff_jax.attention.chunk_attention's impl
 EMBEDDED = "embedded"  # size name: the embedded model's config.json shape (random weights)
@@ -506,13 +508,13 @@ def bench_e2e(model, cfg, batch, prompt_len, new_tokens, mode="ar", attn_impl="a
     """End-to-end on-device decode loop of one mode (prefill excluded), mode defaults as the Generator's:
     tokens/s, forwards, ms per forward, compile seconds. With random weights diffusion and linear_spec
     commit about one token per forward (worst case): their tokens/s is a floor, their ms per forward is real.
-    mode may also be "ar_deterministic" (E2E_MODES)."""
+    mode may also be one of MODE_VARIANTS."""
     from nemodiff_jax.generate import MODE_OPTIONS, decoding_options
     from nemodiff_jax.slots import MODES as DECODERS
     from nemodiff_jax.slots import chunk_width, draft_width, round_up
 
     graphdef, params = nnx.split(model)
-    base, options = ("ar", {"deterministic": True}) if mode == "ar_deterministic" else (mode, {})
+    base, options = MODE_VARIANTS.get(mode, (mode, {}))
     opts = decoding_options(cfg, base, options, attn_impl)
     step = DECODERS[base].step
     capacity = round_up(prompt_len + new_tokens + 2 * cfg.block_size + chunk_width(opts) + 64, 128)
@@ -595,7 +597,7 @@ def _bench_format(res, name, cfg, fmt, s, hbm, impls, mesh, save):
         save(res)
         print(json.dumps({name: row}), flush=True)
     for mode, b, impl in ((m, b, i) for i in s.attn for m in s.modes for b in s.batches):
-        ar = mode in ("ar", "ar_deterministic")
+        ar = MODE_VARIANTS.get(mode, (mode,))[0] == "ar"
         new = s.new_tokens if ar else s.mode_new_tokens
         r = bench_e2e(model, cfg, b, s.prompt_len, new, mode=mode, attn_impl=impls[impl], mesh=mesh)
         r["format"], r["batch"], r["attn"] = fmt, b, impl

@@ -426,10 +426,11 @@ def chunk_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     v = jnp.where(present, v_cache.astype(jnp.float32), 0.0)
     hi = jax.lax.Precision.HIGHEST
     scores = jnp.einsum("btkgh,bskh->bkgts", qf, k, precision=hi) / math.sqrt(h)
-    query_pos = jnp.arange(t)
-    limit = lengths.astype(jnp.int32)[:, None] + (query_pos + 1 if causal else jnp.full((t,), t))[None, :]
-    visible = slot[None, None, :] < limit[:, :, None]  # [B, T, S]
-    if within is not None:
+    if within is None:
+        query_pos = jnp.arange(t)
+        limit = lengths.astype(jnp.int32)[:, None] + (query_pos + 1 if causal else jnp.full((t,), t))[None, :]
+        visible = slot[None, None, :] < limit[:, :, None]  # [B, T, S]
+    else:
         rel = slot[None, :] - lengths.astype(jnp.int32)[:, None]  # [B, S]
         table = jnp.asarray(within)[:, jnp.clip(rel, 0, t - 1)]  # [T, B, S]
         visible = (rel[:, None, :] < 0) | ((rel[:, None, :] < t) & table.transpose(1, 0, 2))
