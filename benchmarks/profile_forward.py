@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import os
@@ -27,9 +28,11 @@ if "--hlo-out" in sys.argv:  # XLA reads its flags once, when the backend starts
                                " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*loop.*").strip()
 
 import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from nemodiff_jax import bench  # noqa: E402
+from nemodiff_jax import bench, quant  # noqa: E402
 from nemodiff_jax.config import PRESETS  # noqa: E402
+from nemodiff_jax.pallas_kernels.qlayout import rows  # noqa: E402
 from nemodiff_jax.sharding import make_mesh  # noqa: E402
 
 
@@ -136,6 +139,15 @@ def summarize(xspace_path: str, n_forwards: int, top: int) -> str:
     return "\n".join(lines + host)
 
 
+def untile_quantized(model) -> None:
+    """Every tiled quantized weight back in rows (the inverse of model.tile_quantized), in place."""
+    untile = jax.jit(lambda w: dataclasses.replace(w, q=rows(w.q), tiled=False))
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        w = var.get_value()
+        if isinstance(w, quant.QWeight) and w.tiled:
+            var.set_value(untile(w))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="14B", choices=sorted(PRESETS))
@@ -150,10 +162,14 @@ def main():
     p.add_argument("--hlo-out", default=None, help="write the forward loop's optimized HLO text here (gzipped if "
                    "the name ends in .gz)")
     p.add_argument("--trace-out", default=None, help="save the trace (xplane.pb, gzipped) here")
+    p.add_argument("--untiled", action="store_true", help="quantized weights in rows, not in the 128 x 128 tiles "
+                   "the model holds them in on Hopper (model.tile_quantized): the layouts' A/B")
     a = p.parse_args()
     mesh = make_mesh(*a.mesh) if a.mesh else None
     cfg = PRESETS[a.size]
     model = bench.make_model(cfg, mesh, a.format)
+    if a.untiled:
+        untile_quantized(model)
     n, traced_loops = 16, 3
     impl = bench.resolve_attn(a.attn, cfg, mesh)
     dt = bench.bench_forward(model, cfg, a.batch, a.context, a.t, True, attn_impl=impl, n=n, mesh=mesh)
@@ -165,7 +181,7 @@ def main():
         if a.trace_out:
             with open(path, "rb") as src, gzip.open(a.trace_out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        text = (f"{a.size} {a.format} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
+        text = (f"{a.size} {a.format}{' untiled' if a.untiled else ''} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
                 f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, traced_loops * n, a.top))
     print(text)
     if a.hlo_out:
