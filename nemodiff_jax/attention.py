@@ -79,8 +79,8 @@ IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 CUDNN_BATCH = 8  # from this batch on, cuDNN beat XLA on every measured T=32 chunk
 CUDNN_BIDIR_CAPACITY = 2048  # ... and bidirectional chunks up to this capacity at any batch
-KERNEL_CANVAS_CHAINS = (8,)  # canvases "auto" gives the kernel: the chains its GPU tests have run (a forced
-#                             "pallas" takes any chain; tests/test_gpu.py covers more, to be added once they pass)
+KERNEL_CANVAS_CHAINS = (2, 4, 8, 16, 32)  # canvases "auto" gives the kernel: the chains its GPU tests passed
+#                                          (H100, 2026-12-07; a forced "pallas" takes any chain)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, llvm
+from jax._src.lib.mlir.dialects import arith, llvm, memref
 from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
@@ -190,9 +190,9 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
     """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
     x_ref [M or Mp, K] bf16; w_ref [N, K] int8 | int4, or tiled [N/128, K/128, 128, 128]; s_ref [K/128, N] bf16
-    (int4) or None; o_ref [S, N, Mp] f32
+    (int4) or None; o_ref [S, rows, N] f32 (rows: M, or M rounded up to 8; a store past the last row is dropped by TMA)
     smem (C stages, J = k_sub, R = row_tiles): x [C, J, bm, 128], w [C, J, BN, 128], s [C, J, BN] (int4),
-    o [W, R, 64, bm] f32, a [W, 64, 128] (a_from_smem)
+    o [W, R, bm, 64] f32 (the accumulator transposed: rows of x major), a [W, 64, 128] (a_from_smem)
     barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (W arrivals)
     """
     bm, stages, k_iters = plan.block_m, plan.stages, plan.k_iters
@@ -283,10 +283,13 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
             accs = pl.run_scoped(accumulate, *[plgpu.ACC((ROWS_PER_WG, bm), jnp.float32)] * row_tiles)
             slot = c - cta_of(t * k_iters, total, plan.ctas)
             for r, rows in enumerate(tiles):
-                o_tile = o_smem.at[wg, r]
-                o_tile[...] = accs[r]
+                o_tile = o_smem.at[wg, r]  # [bm, 64]: the accumulator [64 channels, bm rows] stored transposed
+                if interpreted:  # plain arrays there
+                    o_tile[...] = accs[r].T
+                else:
+                    _store_transposed(accs[r], o_tile)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_tile, o_ref.at[slot, pl.ds(t * block_n + rows.start, ROWS_PER_WG), cols])
+                plgpu.copy_smem_to_gmem(o_tile, o_ref.at[slot, cols, pl.ds(t * block_n + rows.start, ROWS_PER_WG)])
             plgpu.wait_smem_to_gmem(0)  # the o tiles are written again by the next segment
             return carry
 
@@ -322,6 +325,17 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
         @pl.loop(jnp.maximum(steps - stages, 0), steps)
         def _drain(j):
             plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
+
+
+def _store_transposed(acc, o_tile):
+    """acc f32 [64, bm] (WGMMA layout) -> the SMEM tile o_tile [bm, 64] as acc^T, one element store each (bm / 2
+    per thread; Mosaic GPU's layout inference has no transposed store of the WGMMA layout)."""
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def body(_, acc, ref):
+        acc.foreach(lambda value, idx: memref.store(value, ref, [idx[1], idx[0]]))
+
+    body(acc, o_tile)
 
 
 def _dequant_int4(w, s):
@@ -421,7 +435,7 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
         plgpu.SMEM((stages, k_sub, bm, SUB_K), x.dtype, transforms=_transforms(SUB_K, x.dtype)),
         plgpu.SMEM((stages, k_sub, block_n, SUB_K), q.dtype, transforms=_transforms(SUB_K, q.dtype)),
         plgpu.SMEM((stages, k_sub, block_n), bf16) if int4 else None,
-        plgpu.SMEM((wgs, plan.row_tiles, ROWS_PER_WG, bm), f32, transforms=_transforms(bm, f32)),
+        plgpu.SMEM((wgs, plan.row_tiles, bm, ROWS_PER_WG), f32),
         (plgpu.SMEM((wgs, ROWS_PER_WG, SUB_K), x.dtype, transforms=_transforms(SUB_K, x.dtype))
          if a_from_smem else None),
         plgpu.Barrier(num_arrivals=k_sub * (3 if int4 else 2), num_barriers=stages),
@@ -431,7 +445,7 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
                                tiled=tiled, interpreted=bool(interpret))
     partials = plgpu.kernel(
         lambda x_ref, w_ref, *rest: (kernel(x_ref, w_ref, *rest) if int4 else kernel(x_ref, w_ref, None, *rest)),
-        out_type=jax.ShapeDtypeStruct((plan.slots, n, mp), f32),
+        out_type=jax.ShapeDtypeStruct((plan.slots, rows, n), f32),
         scratch_types=scratch,
         grid=(plan.ctas, plan.m_tiles),
         grid_names=("cta", "m"),
@@ -443,11 +457,11 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
                    else plgpu.InterpretGPUParams() if interpret else None),
     )(xp, q, *((scale,) if int4 else ()))
     if plan.slots > 1:  # sum the slots some CTA wrote (the rest were never written)
-        mask = np.repeat(written(plan), block_n, axis=1)[:, :, None]
+        mask = np.repeat(written(plan), block_n, axis=1)[:, None, :]
         y = jnp.sum(jnp.where(mask, partials, 0.0), axis=0)
     else:
         y = partials[0]
-    y = y[:, :m].T  # [M, N]
+    y = y[:m]  # [M, N]
     if not int4:
         y = y * scale.astype(f32)
     return y.astype(out_dtype)

@@ -118,8 +118,8 @@ def test_pallas_kernel_block_variants(block, t, causal):
                                          (8, 4096, 16), (1, 4096, 32)], ids=_ids)
 def test_pallas_kernel_canvas_mask(b, ctx, chain):
     """quadratic_spec's canvas (chain J: J(J+1) queries, 4 J(J+1) folded rows for the 8B's GQA) with the mask
-    computed in the kernel. Chain 8 (the default) passed on an H100 on 2026-12-07; "auto" takes the kernel for
-    the chains in attention.KERNEL_CANVAS_CHAINS, which grows as the others pass here."""
+    computed in the kernel. All of these passed on an H100 on 2026-12-07; "auto" takes the kernel for the chains
+    in attention.KERNEL_CANVAS_CHAINS, the ones that passed here."""
     t = chain * (chain + 1)
     within = canvas_within(chain)
     q, k, v, lens = make_case(b, t, ctx, 64, seed=b + ctx + chain, nan=True)
