@@ -326,12 +326,23 @@ def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_re
 
 
 def _combine(o, m, l):
-    """Merge split partials: o [..., P, R, H], m/l [..., P, R] (base 2) -> [..., R, H] f32."""
-    m_max = m.max(axis=-2, keepdims=True)  # finite: split 0 always holds slot 0, visible to every row
-    w = jnp.exp2(m - m_max)  # 0 for empty splits (m = -inf)
-    num = jnp.sum(w[..., None] * o, axis=-3)
-    den = jnp.sum(w * l, axis=-2)
-    return num / den[..., None]
+    """Merge split partials: o [..., P, R, H], m/l [..., P, R] (base 2) -> [..., R, H] f32, as one reduction over
+    the splits whose carry is a partial softmax (max, weighted o, weighted l), so that XLA emits one kernel for it
+    (a max, then the weighted sums, took three kernels per call). Empty splits (m = -inf) weigh 0."""
+    def weight(m_part, m_new):  # exp2(m_part - m_new), 0 where m_part = -inf (also when both are)
+        return jnp.where(m_part == -jnp.inf, 0.0, jnp.exp2(m_part - m_new))
+
+    def merge(a, b):
+        (ma, oa, la), (mb, ob, lb) = a, b
+        m_new = jnp.maximum(ma, mb)
+        wa, wb = weight(ma, m_new), weight(mb, m_new)
+        return m_new, oa * wa + ob * wb, la * wa + lb * wb
+
+    m = jnp.broadcast_to(m[..., None], o.shape)
+    l = jnp.broadcast_to(l[..., None], o.shape)
+    zero = jnp.zeros((), o.dtype)
+    _, num, den = lax.reduce((m, o, l), (jnp.array(-jnp.inf, o.dtype), zero, zero), merge, (o.ndim - 3,))
+    return num / den
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block", "interpret", "chain"))
