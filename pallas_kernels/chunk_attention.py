@@ -166,9 +166,7 @@ def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_re
     o_ref       [B, HQ, P, RIO, H] f32  unnormalised split accumulators (P = splits)
     m_ref/l_ref [B, HQ, P, RIO]    f32  base-2 running max / running sum of each split
     RIO = rows_io: 64 x W, or T*G rounded up to 8 when that is < 64 (the AR-decode case: 4 rows of 64 are real;
-    SMEM rows past RIO are never written and hold garbage, which stays in its own rows and is never stored).
-    The GMEM arrays may hold fewer rows than RIO (T*G with one query tile, compiled): TMA reads the rest as
-    zeros and drops them from the stores.
+    SMEM rows past RIO are never written and hold garbage, which stays in its own rows and is never stored)
     smem: q [W, 64, H], k/v [C, BK, H] (C = max_concurrent_steps), o [W, 64, H] f32, m/l [W, 64] f32,
           p [W, 64, BK] (only with pv_from_smem, else None)
     barriers: q [W], k/v loaded [C], k/v consumed [C] (W arrivals each)
@@ -326,23 +324,12 @@ def _chunk_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, m_ref, l_re
 
 
 def _combine(o, m, l):
-    """Merge split partials: o [..., P, R, H], m/l [..., P, R] (base 2) -> [..., R, H] f32, as one reduction over
-    the splits whose carry is a partial softmax (max, weighted o, weighted l), so that XLA emits one kernel for it
-    (a max, then the weighted sums, took three kernels per call). Empty splits (m = -inf) weigh 0."""
-    def weight(m_part, m_new):  # exp2(m_part - m_new), 0 where m_part = -inf (also when both are)
-        return jnp.where(m_part == -jnp.inf, 0.0, jnp.exp2(m_part - m_new))
-
-    def merge(a, b):
-        (ma, oa, la), (mb, ob, lb) = a, b
-        m_new = jnp.maximum(ma, mb)
-        wa, wb = weight(ma, m_new), weight(mb, m_new)
-        return m_new, oa * wa + ob * wb, la * wa + lb * wb
-
-    m = jnp.broadcast_to(m[..., None], o.shape)
-    l = jnp.broadcast_to(l[..., None], o.shape)
-    zero = jnp.zeros((), o.dtype)
-    _, num, den = lax.reduce((m, o, l), (jnp.array(-jnp.inf, o.dtype), zero, zero), merge, (o.ndim - 3,))
-    return num / den
+    """Merge split partials: o [..., P, R, H], m/l [..., P, R] (base 2) -> [..., R, H] f32."""
+    m_max = m.max(axis=-2, keepdims=True)  # finite: split 0 always holds slot 0, visible to every row
+    w = jnp.exp2(m - m_max)  # 0 for empty splits (m = -inf)
+    num = jnp.sum(w[..., None] * o, axis=-3)
+    den = jnp.sum(w * l, axis=-2)
+    return num / den[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block", "interpret", "chain"))
@@ -377,14 +364,12 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if not interpret:
         check_block(block, compute_wgs, h, jnp.dtype(q.dtype).itemsize, pv_from_smem)
 
-    # [B,T,K,G,H] -> [B,K,T*G,H] (row r = t*G + g), zero-padded to whole tiles -> [B, K*q_tiles, RIO, H].
-    # Compiled with one query tile, the arrays keep their T*G rows instead: TMA zero-fills the rows of a box
-    # past them and drops them from the stores, which saves a pad and a slice kernel per call (AR decode: 4
-    # rows of 8). m and l then need T*G a multiple of 4 (TMA's 16-byte strides).
-    rows_gmem = n_rows if not interpret and q_tiles == 1 and n_rows % 4 == 0 else rows_io
+    # [B,T,K,G,H] -> [B,K,T*G,H] (row r = t*G + g), zero-padded to whole tiles -> [B, K*q_tiles, RIO, H]
     qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, n_rows, h)
-    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, q_tiles * rows_gmem - n_rows), (0, 0)))
-    qf = qf.reshape(b, heads, rows_gmem, h)
+    # (Padded in GMEM, not left to TMA's out-of-bounds handling: with the tiled SMEM transforms, an 8-row box
+    # stored to a 4-row array wrote the extra rows into the next head's, on an H100, 2026-12-07.)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, q_tiles * rows_io - n_rows), (0, 0)))
+    qf = qf.reshape(b, heads, rows_io, h)
 
     steps = block.max_concurrent_steps
     f32 = jnp.float32
@@ -395,9 +380,9 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         num_splits=splits, rows_io=rows_io, block=block, pv_from_smem=pv_from_smem, chain=chain)
     o, m, l = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((b, heads, splits, rows_gmem, h), f32),
-                  jax.ShapeDtypeStruct((b, heads, splits, rows_gmem), f32),
-                  jax.ShapeDtypeStruct((b, heads, splits, rows_gmem), f32)),
+        out_type=(jax.ShapeDtypeStruct((b, heads, splits, rows_io, h), f32),
+                  jax.ShapeDtypeStruct((b, heads, splits, rows_io), f32),
+                  jax.ShapeDtypeStruct((b, heads, splits, rows_io), f32)),
         scratch_types=(
             (plgpu.SMEM((compute_wgs, ROWS_PER_WG, h), q.dtype, transforms=_smem_transforms(h, q.dtype)),
              plgpu.SMEM((steps, block.block_kv, h), q.dtype, transforms=_smem_transforms(h, q.dtype)),
@@ -423,7 +408,7 @@ def chunk_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     )(qf, k_cache, v_cache, lengths.astype(jnp.int32))
 
     out = o[:, :, 0] / l[:, :, 0, :, None] if splits == 1 else _combine(o, m, l)  # [B, HQ, RIO, H]
-    out = out.reshape(b, kh, q_tiles * rows_gmem, h)[:, :, :n_rows]
+    out = out.reshape(b, kh, q_tiles * rows_io, h)[:, :, :n_rows]
     return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
 
 

@@ -425,9 +425,11 @@ def qmatmul_pallas(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=jn
     plan = make_plan(m, n, k, fmt, config, DEFAULT_NUM_SMS if interpret else num_sms(), a_from_smem)
     bm, stages, wgs, k_sub, block_n = plan.block_m, plan.stages, plan.compute_wgs, plan.k_sub, plan.block_n
     mp = plan.m_tiles * bm
-    # The compiled kernel reads x's rows past M as zeros (TMA fills out-of-bounds boxes), so it takes x as it is
-    # where TMA's 8-row tiling allows (M < 8 or a multiple of 8: every AR step at batch <= 8 and every chunk
-    # shape): a pad is one more kernel per call (~2 us; 137 per 8B forward). The interpreter slices in bounds.
+    # The compiled kernel takes x as it is where TMA's 8-row tiling allows (M < 8 or a multiple of 8: every AR
+    # step at batch <= 8 and every chunk shape): a pad is one more kernel per call (~2 us; 137 per 8B forward).
+    # The box's rows past M are not to be trusted (zeros, or through the tiled view of x the bytes after it), but
+    # x's row j feeds only output row j, and the partials' TMA store drops the rows past M (their array holds
+    # `rows` rows and is not tiled). The interpreter slices in bounds.
     rows = mp if interpret else m if m < 8 else -(-m // 8) * 8
     xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
     f32, bf16 = jnp.float32, jnp.bfloat16
