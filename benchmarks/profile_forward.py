@@ -181,7 +181,8 @@ def main():
         if a.trace_out:
             with open(path, "rb") as src, gzip.open(a.trace_out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        text = (f"{a.size} {a.format}{' untiled' if a.untiled else ''} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
+        layout = " untiled" if a.untiled else ""
+        text = (f"{a.size} {a.format}{layout} mesh={a.mesh} T={a.t} B={a.batch} ctx={a.context} attn={a.attn}: "
                 f"{1e3 * dt:.2f} ms/forward (untraced)\n" + summarize(path, traced_loops * n, a.top))
     print(text)
     if a.hlo_out:

@@ -19,8 +19,9 @@ Kernel design
 - Stream-K over (N tile, K step): the n_tiles x k_iters steps are split evenly over `ctas` CTAs (one per SM),
   each taking a contiguous range, so every SM streams the same number of weight bytes whatever N and K are
   (no wave quantization at one row, where 8B's o_proj has only 32 tiles for 132 SMs). A CTA flushes an f32
-  partial [128, bm] whenever its range leaves a tile; a tile's partials go to slots 0.. (the CTAs that
-  touch it, in order), and the epilogue (plain jnp, fused by XLA) sums the written slots.
+  partial whenever its range leaves a tile, its accumulator [128 channels, bm] stored transposed, so the
+  partials are [slots, rows of x, N]; a tile's partials go to slots 0.. (the CTAs that touch it, in order),
+  and the epilogue (plain jnp) sums the written slots, a reduction XLA fuses into the consumer.
 - Warp specialisation: one memory warpgroup runs a ring of `stages` SMEM slots (weight tile, x tile and, for
   int4, the tile's scale row; one barrier per slot), the compute warpgroups release a slot after their wgmma
   has read it.
@@ -190,7 +191,7 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, x_smem, w_smem, s_smem, o_smem, a_smem, 
     """One CTA = (stream-K part `cta`, M tile `m`); warpgroups `wg` (W compute + 1 memory).
 
     x_ref [M or Mp, K] bf16; w_ref [N, K] int8 | int4, or tiled [N/128, K/128, 128, 128]; s_ref [K/128, N] bf16
-    (int4) or None; o_ref [S, rows, N] f32 (rows: M, or M rounded up to 8; a store past the last row is dropped by TMA)
+    (int4) or None; o_ref [S, rows, N] f32 (rows: M, or M rounded up to 8; TMA drops a store's rows past them)
     smem (C stages, J = k_sub, R = row_tiles): x [C, J, bm, 128], w [C, J, BN, 128], s [C, J, BN] (int4),
     o [W, R, bm, 64] f32 (the accumulator transposed: rows of x major), a [W, 64, 128] (a_from_smem)
     barriers: loaded [C] (one arrival per copy of the slot), consumed [C] (W arrivals)
