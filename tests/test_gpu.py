@@ -149,7 +149,7 @@ def test_this_gpu_is_described_and_routed():
 PROMPTS = embedded.PROMPTS
 NEW = 96
 PATHS = ("pallas", "cudnn", "xla")
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # the canvas: the kernel on Hopper (auto for chain 8)
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")  # canvas: the kernel on Hopper (KERNEL_CANVAS_CHAINS)
 
 
 @pytest.fixture(scope="module")

@@ -159,8 +159,9 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
     """On (1, 2) and (2, 2) meshes every mode gives the single-device tokens: a quantized checkpoint streamed
     straight into its shardings on both, and on (2, 2) also the weights made in memory, partitioned by XLA (the
     CPU's choice) and per device in shard_map (the GPU's, with a psum for o and down); q and the scales are
-    split over "model" with their channels (qkv by kv heads, gate_up by the MLP, o and down by their inputs). Weights in the kernel's tiled layout (quant.tile) give the
-    same tokens, alone and per device, split over their block indices."""
+    split over "model" with their channels (qkv by kv heads, gate_up by the MLP, o and down by their inputs).
+    Weights in the kernel's tiled layout (quant.tile) give the same tokens, alone and per device, split over
+    their block indices."""
     ref = Generator(_quantized(fmt))
     want = {m: [r.tokens for r in ref.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
             for m in MODES}
@@ -173,8 +174,6 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
         shutil.copy(ASSETS / name, tmp_path / "q" / name)
     for shape in [(1, 2), (2, 2)]:
         mesh = make_mesh(*shape)
-        per_device = _quantized(fmt)  # shard_map with the reference per device: the kernel path's partitioning
-        per_device.matmul_impl = ShardedMatmul(mesh, reference=True)
         if shape == (2, 2) and fmt == "int4":  # tiled weights per device (the kernel's layout and partitioning)
             tiled = _tiled(_quantized(fmt))
             tiled.matmul_impl = ShardedMatmul(mesh, reference=True)
@@ -184,11 +183,14 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
             for m in MODES:
                 got = [r.tokens for r in tiled.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
                 assert got == want[m], ("tiled", fmt, shape, m)
-        loaded = nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=mesh)
+        generators = [nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=mesh)]
         # (1, 2) checks the checkpoint streamed into its shardings (XLA partitions it); (2, 2) adds both
         # partitionings of the weights made in memory (CI time: each generator compiles every mode)
-        for g in ((loaded,) if shape == (1, 2) else
-                  (Generator(_quantized(fmt), mesh=mesh), Generator(per_device, mesh=mesh), loaded)):
+        if shape == (2, 2):
+            per_device = _quantized(fmt)  # shard_map with the reference per device: the kernel path's partitioning
+            per_device.matmul_impl = ShardedMatmul(mesh, reference=True)
+            generators = [Generator(_quantized(fmt), mesh=mesh), Generator(per_device, mesh=mesh), *generators]
+        for g in generators:
             for m in MODES:
                 got = [r.tokens for r in g.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
                 assert got == want[m], (fmt, shape, m)
