@@ -4,6 +4,7 @@ mode gives the same tokens on a mesh as on one device."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -156,19 +157,26 @@ def _tiled(model):
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8-device CPU platform (tests/conftest.py)")
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
-    """On (1, 2) and (2, 2) meshes every mode gives the single-device tokens: a quantized checkpoint streamed
+    """On (1, 2) and (2, 2) meshes the modes give the single-device tokens: a quantized checkpoint streamed
     straight into its shardings on both, and on (2, 2) also the weights made in memory, partitioned by XLA (the
     CPU's choice) and per device in shard_map (the GPU's, with a psum for o and down); q and the scales are
     split over "model" with their channels (qkv by kv heads, gate_up by the MLP, o and down by their inputs).
     Weights in the kernel's tiled layout (quant.tile) give the same tokens, alone and per device, split over
-    their block indices."""
+    their block indices. Every mode runs every matmul, so each generator checks one mode, in turn (CI time:
+    a generator compiles each mode it runs), and each mode is checked on several of them."""
     ref = Generator(_quantized(fmt))
     want = {m: [r.tokens for r in ref.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
             for m in MODES}
+    modes = itertools.cycle(MODES)
+
+    def check(g, what):
+        m = next(modes)
+        got = [r.tokens for r in g.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
+        assert got == want[m], (fmt, what, m)
+
     tiled = Generator(_tiled(_quantized(fmt)))
     assert tiled.model.layers[0].mlp.gate_up_proj.get_value().tiled
-    for m in MODES:
-        assert [r.tokens for r in tiled.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])] == want[m]
+    check(tiled, "tiled")
     save_hf(ref.model, tmp_path / "q")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / name, tmp_path / "q" / name)
@@ -180,20 +188,16 @@ def test_quantized_weights_shard_like_their_twins(tmp_path, fmt):
             tiled = Generator(tiled, mesh=mesh)
             assert tiled.model.layers[0].mlp.gate_up_proj.get_value().q.sharding.spec == jax.sharding.PartitionSpec(
                 None, "model", None, None, None)  # [2, F/128, D/128, 128, 128]
-            for m in MODES:
-                got = [r.tokens for r in tiled.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
-                assert got == want[m], ("tiled", fmt, shape, m)
+            check(tiled, ("tiled", shape))
         generators = [nemodiff_jax.load(tmp_path / "q", dtype="float32", progress=False, mesh=mesh)]
         # (1, 2) checks the checkpoint streamed into its shardings (XLA partitions it); (2, 2) adds both
-        # partitionings of the weights made in memory (CI time: each generator compiles every mode)
+        # partitionings of the weights made in memory
         if shape == (2, 2):
             per_device = _quantized(fmt)  # shard_map with the reference per device: the kernel path's partitioning
             per_device.matmul_impl = ShardedMatmul(mesh, reference=True)
             generators = [Generator(_quantized(fmt), mesh=mesh), Generator(per_device, mesh=mesh), *generators]
         for g in generators:
-            for m in MODES:
-                got = [r.tokens for r in g.generate(PROMPTS, mode=m, max_new_tokens=12, stop_token_ids=[])]
-                assert got == want[m], (fmt, shape, m)
+            check(g, shape)
             layer = g.model.layers[0]
             P = jax.sharding.PartitionSpec
             qkv, gate_up = layer.self_attn.qkv_proj.get_value(), layer.mlp.gate_up_proj.get_value()
