@@ -42,7 +42,7 @@ def check_report(report, md_text, mesh):
     assert f"`{hbm['winner']}`" in md_text and "% / -" in md_text  # both roofline numbers, datasheet unknown
 
 
-@pytest.mark.parametrize("mesh", [None, (1, 2), (2, 1)])
+@pytest.mark.parametrize("mesh", [None, (1, 2)])  # (2, 1): test_cli_bench
 def test_bench_tiny_writes_report(tmp_path, mesh):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     report = bench.run(bench.Settings(**TINY, mesh=mesh, out=str(out), md=str(md)))
@@ -53,11 +53,11 @@ def test_bench_tiny_writes_report(tmp_path, mesh):
 def test_cli_bench(tmp_path):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     argv = ["bench", "--sizes", "tiny", "--contexts", "64", "--batches", "1", "2", "--new-tokens", "8",
-            "--prompt-len", "16", "--mode-new-tokens", "12", "--attn", "xla", "--mesh", "1", "2",
+            "--prompt-len", "16", "--mode-new-tokens", "12", "--attn", "xla", "--mesh", "2", "1",
             "--out", str(out), "--md", str(md)]
     assert cli.main(argv) == 0
     report = json.loads(out.read_text())
-    check_report(report, md.read_text(), (1, 2))
+    check_report(report, md.read_text(), (2, 1))
     assert report["settings"]["prompt_len"] == 16 and report["settings"]["sizes"] == ["tiny"]
 
 
