@@ -25,19 +25,20 @@ stages=" ${STAGES:-train drafter eval} "
 for stage in $stages; do
   case $stage in train|drafter|eval) ;; *) echo "unknown stage $stage in STAGES (train, drafter, eval)" >&2; exit 2;; esac
 done
+want() { [[ $stages == *" $1 "* ]]; }  # is stage $1 in STAGES
 mkdir -p "$out"
-if [[ $stages == *" train "* ]]; then
+if want train; then
   $py -P -m nemodiff_jax.cli train --tokenizer out/code_tokenizer --train data/code/train.txt \
     --val data/code/val.txt --out "$out/code" --minutes "$minutes" --sample-prompt $'def main():\n' \
     --no-progress 2>&1 | tee "$out/train.log"
 fi
 [ -f "$out/code/config.json" ] || { echo "no trained model in $out/code: run the train stage first" >&2; exit 2; }
-if [[ $stages == *" drafter "* ]]; then
+if want drafter; then
   JAX_DEFAULT_MATMUL_PRECISION=highest $py -P -m nemodiff_jax.cli train --drafter --model "$out/code" --train data/code/train.txt --val data/code/val.txt \
     --rollouts "${ROLLOUTS:-2048}" --steps "${DRAFTER_STEPS:-500}" --batch 32 --rank 32 --no-progress 2>&1 \
     | tee "$out/drafter.log"
 fi
-if [[ $stages == *" eval "* ]]; then
+if want eval; then
   $py -P scripts/eval_code_model.py --model "$out/code" --val data/code/val.txt --out "$out/code_eval.json" \
     2>&1 | tee "$out/eval.log"
 fi
