@@ -7,7 +7,7 @@
 #      (default old new new old: each variant twice, alternating, so drift shows as disagreement between runs);
 #   3. a table of ms/forward and kernels/forward per run.
 # Logs and profiles go to $OUT/ab/ and come back as one tarball, $OUT/ab.tgz, also when the deadline cuts a step.
-#   run (device tool; carry .whl and the patch's folder):
+#   run (device tool; carry .whl, and the patch too if git does not track it):
 #     bash benchmarks/ab_patch.sh docs/pending/grouped_queries.patch
 #   env: TESTS (pytest -k expression), FORMATS (default "bf16 int4"), ORDER, DEADLINE (seconds, default 500)
 set -u
